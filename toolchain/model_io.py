@@ -111,7 +111,12 @@ def save_model(model: "tf.keras.Model", path) -> Path:
             f"cannot save a model to {str(target)!r}: it is a directory; pass a file path"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
+    import tensorflow as tf
+
     tmp = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}")
+    tf_logger = tf.get_logger()
+    quiet = _DropWarnings(*_SAVE_NOISE)
+    tf_logger.addFilter(quiet)
     try:
         with warnings.catch_warnings():
             # Keras calls HDF5 "legacy"; the toolchain supports it on purpose.
@@ -119,6 +124,7 @@ def save_model(model: "tf.keras.Model", path) -> Path:
             model.save(str(tmp))
         os.replace(tmp, target)
     finally:
+        tf_logger.removeFilter(quiet)
         if tmp.exists():
             tmp.unlink()
     return target
@@ -175,8 +181,8 @@ def _model_kind(p: Path) -> str:
         )
     if suffix in (".pb", ".pbtxt"):
         raise ModelLoadError(
-            f"{str(p)!r} is {_ARTIFACTS[suffix]}; pass the SavedModel directory that contains "
-            f"it, or {ALLOWED}"
+            f"{str(p)!r} is {_ARTIFACTS[suffix]}, not a loadable model on its own; pass the "
+            f"SavedModel directory that contains it (or a .keras or .h5/.hdf5 file)"
         )
     what = _ARTIFACTS.get(suffix, f"a file with suffix {suffix!r}" if suffix else
                           "a file without a suffix")
@@ -356,18 +362,29 @@ def _unsafe_objects(config: dict) -> List[str]:
     return found
 
 
-class _DropPre25Warning(logging.Filter):
-    """The MLPerf Tiny KWS SavedModel predates TF 2.5; Keras loads it fine but warns each time."""
+class _DropWarnings(logging.Filter):
+    """Drops TF log warnings that are expected here and not actionable by the user."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "SavedModel saved prior to TF 2.5" not in record.getMessage()
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+# The MLPerf Tiny KWS SavedModel predates TF 2.5; Keras loads it fine but warns each time.
+_LOAD_NOISE = ("SavedModel saved prior to TF 2.5",)
+# Keras' HDF5 writer tries to build the metrics of uncompiled models and warns that it cannot.
+_SAVE_NOISE = ("compiled metrics have yet to be built",)
 
 
 def _deserialize(p: Path, kind: str, trust_model: bool, config: dict):
     import tensorflow as tf
 
     tf_logger = tf.get_logger()
-    quiet = _DropPre25Warning()
+    quiet = _DropWarnings(*_LOAD_NOISE)
     tf_logger.addFilter(quiet)
     try:
         # safe_mode only affects .keras archives; for .h5 and SavedModel the config check above
@@ -400,8 +417,8 @@ def _check_loaded(p: Path, model) -> None:
         )
     n_in, n_out = len(model.inputs), len(model.outputs)
     if n_in != 1 or n_out != 1:
-        ins = ", ".join(t.name.split(":")[0] for t in model.inputs)
-        outs = ", ".join(t.name.split(":")[0] for t in model.outputs)
+        ins = ", ".join(model.input_names)
+        outs = ", ".join(model.output_names)
         raise ModelLoadError(
             f"model {str(p)!r} has {n_in} input(s) ({ins}) and {n_out} output(s) ({outs}); the "
             f"toolchain supports single-input single-output classifiers, so export one input "

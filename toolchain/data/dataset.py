@@ -45,7 +45,8 @@ class Dataset:
     ``x_train_int8``/``x_eval_int8`` hold the source's original int8 samples when the data ships
     already quantized (kws01); ``input_quantization`` is then the ``(scale, zero_point)`` that maps
     them to the float arrays: ``float = (int8 - zero_point) * scale``.
-    Equality is identity (arrays have no single truth value); compare ``content_hash()`` instead.
+    The arrays are made read-only on construction (copy one before changing it). Equality is
+    identity (arrays have no single truth value); compare ``content_hash()`` instead.
     """
 
     name: str

@@ -9,8 +9,8 @@ missing file is a ``DataError`` naming it.
 Where the files are looked for, first match wins:
 ``data_dir`` argument > ``$TOOLCHAIN_DATA_DIR`` > the Keras cache folders (``$KERAS_HOME/datasets``
 when set, ``~/.keras/datasets``, and ``/tmp/.keras/datasets`` which Keras uses when ``~/.keras``
-is not writable). Keras 2.14's ``get_file`` itself ignores ``KERAS_HOME``; it is searched for
-Keras 3, which honours it. The folder given is the one that directly holds ``mnist.npz``,
+is not writable). Keras 2.14's ``get_file`` itself ignores ``KERAS_HOME`` (only its config
+file honours it); the folder is searched anyway because Keras 3's ``get_file`` does use it. The folder given is the one that directly holds ``mnist.npz``,
 ``fashion-mnist/`` and ``cifar-10-batches-py/``.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pickle
 import tarfile
 import zipfile
 from pathlib import Path
+
 import numpy as np
 
 from toolchain.data.dataset import Dataset
@@ -79,9 +80,7 @@ def _missing_error(what: str, missing: list[str], dirs: list[Path], chosen_by: s
     )
 
 
-def _first_dir_with(
-    required: list[str], dirs: list[Path]
-) -> Path | None:
+def _first_dir_with(required: list[str], dirs: list[Path]) -> Path | None:
     for d in dirs:
         if all((d / r).exists() for r in required):
             return d
@@ -123,12 +122,15 @@ def load_mnist(data_dir: str | None = None) -> Dataset:
     path = folder / MNIST_FILE
     keys = ("x_train", "y_train", "x_test", "y_test")
     try:
-        # The real file holds plain arrays; refusing pickles keeps a tampered cache from running code.
-        with np.load(path, allow_pickle=False) as f:
-            absent = [k for k in keys if k not in f.files]
+        # The real file holds plain arrays; refusing pickles keeps a tampered cache from running
+        # code. Our own handle, because np.load leaks its file when the archive is corrupt.
+        with open(path, "rb") as handle:
+            f = np.load(handle, allow_pickle=False)
+            files = f.files if isinstance(f, np.lib.npyio.NpzFile) else ["a single .npy array"]
+            absent = [k for k in keys if k not in files]
             if absent:
                 raise DataError(
-                    f"{path} lacks the arrays {', '.join(absent)} (it has {', '.join(f.files)}); "
+                    f"{path} lacks the arrays {', '.join(absent)} (it has {', '.join(files)}); "
                     "replace it with the Keras mnist.npz"
                 )
             arrays = [f[k] for k in keys]

@@ -32,7 +32,8 @@ def _images(x: np.ndarray, key: str, path: Path) -> np.ndarray:
             f"array {key!r} in {path} has shape {x.shape} (rank {x.ndim}), but inputs must be "
             "rank 3 (N, H, W) or rank 4 (N, H, W, C); reshape it before saving"
         )
-    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become Inf, reported just below
+        x = x.astype(np.float32)
     bad = count_nonfinite(x)
     if bad:
         raise DataError(
@@ -87,14 +88,15 @@ def load_npz(path: str) -> Dataset:
     if not file.is_file():
         raise DataError(f"npz file {file} does not exist; pass npz:PATH with an existing file")
     try:
-        # No pickles: a data file must not be able to run code when loaded.
-        loaded = np.load(file, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise DataError(
-                f"{file} is a single .npy array, not an .npz archive; save it with "
-                "np.savez(path, x=..., y=...)"
-            )
-        with loaded:
+        # Our own handle, because np.load leaks its file when the archive is corrupt; and no
+        # pickles, because a data file must not be able to run code when loaded.
+        with open(file, "rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise DataError(
+                    f"{file} is a single .npy array, not an .npz archive; save it with "
+                    "np.savez(path, x=..., y=...)"
+                )
             arrays = {k: loaded[k] for k in loaded.files}
     except DataError:
         raise
