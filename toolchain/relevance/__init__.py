@@ -166,12 +166,14 @@ def _neurons_to_explain(canonical_model, x: np.ndarray, y: Optional[np.ndarray],
 
 def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule: str = DEFAULT_RULE,
                       class_selection: str = "true", batch_size: int = 64, heatmaps: int = 8,
-                      use_cache: bool = True, quiet: bool = False) -> RelevanceMap:
+                      use_cache: bool = True, quiet: bool = False, profile: bool = False) -> RelevanceMap:
     """Per-weight LRP relevance of every Conv2D / DepthwiseConv2D / Dense kernel of ``model``.
 
     ``x`` are the calibration samples (all of them are used: slice before calling), ``y`` their
     labels. ``class_selection`` picks the output neuron explained per sample: the true class
     (default), the predicted class, or all classes at once (the sum of all logits' explanations).
+    ``profile=True`` (never cached) also times steady-state batches in the worker: LRP to the input,
+    LRP plus per-weight relevance, and a plain input gradient, reported in ``timings``.
     """
     from toolchain.canonicalize import canonicalize
     from toolchain.model_io import model_hash
@@ -203,6 +205,7 @@ def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule
     key = hashlib.sha256(json.dumps([ENGINE_VERSION, m_hash, d_hash, ruleset.to_dict(), class_selection,
                                      int(heatmaps)]).encode()).hexdigest()[:32]
     cached_dir = cache_dir() / key
+    use_cache = use_cache and not profile
     if use_cache and (cached_dir / "relevance.json").is_file():
         try:
             return _replace_cached(load_relevance(cached_dir))
@@ -220,7 +223,7 @@ def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule
         kernel_layers = canonical.kernel_layers()
         job = {
             "model_path": model_path, "batch_size": batch_size, "heatmaps": heatmaps, "quiet": quiet,
-            "kernel_layers": kernel_layers,
+            "kernel_layers": kernel_layers, "profile": profile,
             "families": {k: list(v) for k, v in LAYER_FAMILIES.items()},
             "rules": [[family, rule.__dict__] for family, rule in ruleset.rules],
         }
@@ -242,13 +245,22 @@ def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule
         rmap = RelevanceMap(
             layers, rule, len(x), m_hash, d_hash, class_selection, result["heatmaps"],
             neurons[: len(result["heatmaps"])], result["input_relevance_per_sample"],
-            {"worker_wall": wall, "analyzer_build": t_build, "analyze": t_analyze})
+            {"worker_wall": wall, "analyzer_build": t_build, "analyze": t_analyze,
+             **_profile_timings(result)})
     if use_cache:
         staging = Path(tempfile.mkdtemp(prefix=key, dir=_ensure(cache_dir())))
         save_relevance(rmap, staging)
         shutil.rmtree(cached_dir, ignore_errors=True)
         os.replace(staging, cached_dir)
     return rmap
+
+
+def _profile_timings(result) -> Dict[str, float]:
+    if "profile" not in result:
+        return {}
+    lrp, lrp_weights, gradient, batch = (float(v) for v in result["profile"])
+    return {"batch_size": batch, "lrp_input_per_batch": lrp, "lrp_per_weight_per_batch": lrp_weights,
+            "gradient_per_batch": gradient}
 
 
 def _ensure(p: Path) -> Path:

@@ -192,6 +192,9 @@ def run(job_dir: str) -> None:
     t_analyze = time.perf_counter() - t1
 
     result = {f"w/{n}": totals_w[i] for i, n in enumerate(names)}
+    if job.get("profile"):
+        result["profile"] = _profile(session, feeds, fetch_input, fetch_weights, analyzer, model, x,
+                                     neurons, batch, explain_all, tf, np)
     result.update({f"rout/{n}": np.float64(totals_out[i]) for i, n in enumerate(names)})
     result.update({f"rin/{n}": np.float64(totals_in[i]) for i, n in enumerate(names)})
     result["heatmaps"] = np.asarray(heatmaps, dtype=np.float32)
@@ -200,6 +203,42 @@ def run(job_dir: str) -> None:
     tmp = os.path.join(job_dir, "result.tmp.npz")
     np.savez(tmp, **result)
     os.replace(tmp, os.path.join(job_dir, "result.npz"))
+
+
+def _profile(session, feeds, fetch_input, fetch_weights, analyzer, model, x, neurons, batch,
+             explain_all, tf, np, repeats=3):
+    """Steady-state seconds per batch (median over batches after a warm-up) of: LRP to the input,
+    LRP plus per-weight relevance, and a plain input gradient of the explained logit."""
+    logit = model.outputs[0]
+    if explain_all:
+        target = tf.reduce_sum(logit)
+    else:
+        sel = tf.compat.v1.placeholder(tf.int32, [None])
+        target = tf.reduce_sum(tf.gather(logit, sel, axis=1, batch_dims=1))
+    grad = tf.gradients(target, model.inputs[0])[0]
+
+    def timed(fetches, with_indices, gradient):
+        times = []
+        for r in range(repeats + 1):
+            for start in range(0, len(x) - batch + 1, batch):
+                xb = x[start:start + batch]
+                if gradient:
+                    feed = {model.inputs[0]: xb}
+                    if not explain_all:
+                        feed[sel] = neurons[start:start + batch]
+                else:
+                    feed = {feeds[0]: xb}
+                    if with_indices:
+                        feed[feeds[1]] = analyzer._get_neuron_selection_array(neurons[start:start + batch], len(xb))
+                t = time.perf_counter()
+                session.run(fetches, feed_dict=feed)
+                if r > 0:  # the first pass warms up
+                    times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    return np.array([timed(fetch_input, not explain_all, False),
+                     timed([fetch_input] + fetch_weights, not explain_all, False),
+                     timed(grad, False, True), float(batch)])
 
 
 def main(argv=None) -> int:
