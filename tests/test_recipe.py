@@ -1,0 +1,49 @@
+"""Recipes are validated up front, every problem reported at once with its key path."""
+import pytest
+import yaml
+
+from toolchain.errors import ConfigError
+from toolchain.recipe import DEFAULT_RECIPE, EXAMPLE, load_recipe, validate
+
+
+def test_example_is_the_default_recipe():
+    assert validate(yaml.safe_load(EXAMPLE)) == DEFAULT_RECIPE
+    assert load_recipe(None) == DEFAULT_RECIPE
+
+
+def test_partial_recipe_merges_over_defaults():
+    r = validate({"prune": {"sparsity": 0.5}, "quantize": {"bits": [2, 4, 8]}})
+    assert r["prune"]["sparsity"] == 0.5 and r["prune"]["criterion"] == "relevance"
+    assert r["quantize"]["bits"] == [2, 4, 8]
+
+
+def test_all_problems_reported_at_once_with_key_paths():
+    bad = {"prune": {"sparsity": 1.5, "granularity": "neuron", "colour": "red"},
+           "quantize": {"bits": [], "budget": "avg-bits=-1", "qat_epochs": "3"},
+           "bench": {"target": "ftp://pi", "threads": [0]},
+           "relevance": {"rule": "lrp.nope", "samples": True},
+           "deploy": {}}
+    with pytest.raises(ConfigError) as e:
+        validate(bad)
+    msg = str(e.value)
+    for fragment in ["prune.sparsity: 1.5 is not a number in [0, 1)", "prune.granularity: 'neuron'",
+                     "prune.colour: unknown key", "quantize.bits: []", "quantize.budget: 'avg-bits=-1'",
+                     "quantize.qat_epochs: '3' is a str", "bench.target: 'ftp://pi'", "bench.threads: [0]",
+                     "relevance.rule: 'lrp.nope'", "relevance.samples: True is a bool", "deploy: unknown stage"]:
+        assert fragment in msg, fragment
+
+
+def test_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("prune: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(str(broken))
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("prune:\n  mode: nonpositive\n")
+    assert load_recipe(str(ok))["prune"]["mode"] == "nonpositive"
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_recipe(str(listy))

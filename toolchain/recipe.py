@@ -1,0 +1,183 @@
+"""Recipes: one YAML file naming every stage's settings for ``toolchain compress``.
+
+A recipe is validated before any work starts; unknown keys, wrong types and out-of-range values
+are all reported at once, each with its key path (``prune.sparsity: 1.5 is not in [0, 1)``).
+Missing keys take the defaults of ``DEFAULT_RECIPE``; ``toolchain recipe --example`` prints it
+with comments.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from toolchain.errors import ConfigError
+
+# The default recipe is the one tuned on the MLPerf Tiny DS-CNN (see README "Results"); every
+# value is explained in EXAMPLE below.
+DEFAULT_RECIPE: Dict[str, Any] = {
+    "relevance": {"rule": "lrp.epsilon", "samples": 500, "classes": "true"},
+    "prune": {"enabled": True, "criterion": "relevance", "granularity": "filter", "mode": "sparsity",
+              "sparsity": 0.25, "fine_tune_epochs": 0},
+    "quantize": {"enabled": True, "allocator": "relevance", "bits": [4, 8], "budget": "avg-bits=6",
+                 "granularity": "layer", "group_size": 8, "qat_epochs": 0},
+    "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed", "onnx-fp32", "onnx-int8", "mcu"]},
+    "verify": {"min_agreement": 0.9, "max_accuracy_drop": 0.05},
+    "bench": {"enabled": True, "target": "local", "runs": 200, "threads": [1]},
+}
+
+EXAMPLE = """\
+# toolchain compress recipe. Every key is optional; omitted keys take these defaults.
+relevance:
+  rule: lrp.epsilon        # LRP rule set: `toolchain list rules`
+  samples: 500             # first N calibration samples to explain
+  classes: "true"          # explain the true class ("true", quoted: YAML reads a bare true as a boolean) | predicted | all
+prune:
+  enabled: true
+  criterion: relevance     # relevance | magnitude | random
+  granularity: filter      # filter (rebuilds a narrower model) | weight (exact zeros)
+  mode: sparsity           # sparsity (remove the least relevant fraction) | nonpositive (paper's rule)
+  sparsity: 0.25           # in [0, 1); used when mode is sparsity
+  fine_tune_epochs: 0      # needs training data (not available for kws01)
+quantize:
+  enabled: true
+  allocator: relevance     # relevance | uniform | sensitivity
+  bits: [4, 8]             # candidate weight widths
+  budget: avg-bits=6       # avg-bits=B | size-kb=K | total-bits=N
+  granularity: layer       # layer | group (of output channels)
+  group_size: 8
+  qat_epochs: 0
+export:
+  formats: [tflite-fp32, tflite-int8, tflite-mixed, onnx-fp32, onnx-int8, mcu]
+verify:
+  min_agreement: 0.9       # top-1 agreement of each artifact with its Keras model
+  max_accuracy_drop: 0.05  # accuracy of each artifact vs the uncompressed model
+bench:
+  enabled: true
+  target: local            # local | ssh://[user@]host[:port] | emulated-pi4 | emulated-pi5
+  runs: 200
+  threads: [1]
+"""
+
+
+@dataclass(frozen=True)
+class Check:
+    kind: type | tuple
+    valid: Optional[Callable[[Any], bool]] = None
+    allowed: str = ""
+
+
+def _choice(*values):
+    return Check(str, lambda v: v in values, "one of " + ", ".join(values))
+
+
+def _int_range(lo, hi=None):
+    return Check(int, lambda v: v >= lo and (hi is None or v <= hi),
+                 f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+
+
+def _list_of(kind, valid, allowed):
+    return Check(list, lambda v: len(v) > 0 and all(isinstance(i, kind) and not isinstance(i, bool) and valid(i)
+                                                      for i in v), allowed)
+
+
+def _budget_ok(v: str) -> bool:
+    key, _, value = v.partition("=")
+    try:
+        return key in ("avg-bits", "size-kb", "total-bits") and float(value) > 0
+    except ValueError:
+        return False
+
+
+SCHEMA: Dict[str, Dict[str, Check]] = {
+    "relevance": {"rule": Check(str), "samples": _int_range(1), "classes": _choice("true", "predicted", "all")},
+    "prune": {"enabled": Check(bool), "criterion": _choice("relevance", "magnitude", "random"),
+              "granularity": _choice("weight", "filter"), "mode": _choice("sparsity", "nonpositive"),
+              "sparsity": Check((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+              "fine_tune_epochs": _int_range(0)},
+    "quantize": {"enabled": Check(bool), "allocator": _choice("relevance", "uniform", "sensitivity"),
+                 "bits": _list_of(int, lambda b: b in (2, 3, 4, 5, 6, 7, 8, 16), "a non-empty list of widths from 2..8, 16"),
+                 "budget": Check(str, _budget_ok, "avg-bits=B, size-kb=K or total-bits=N with a positive number"),
+                 "granularity": _choice("layer", "group"), "group_size": _int_range(1),
+                 "qat_epochs": _int_range(0)},
+    "export": {"formats": _list_of(str, lambda f: True, "a non-empty list of format names")},
+    "verify": {"min_agreement": Check((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+               "max_accuracy_drop": Check((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")},
+    "bench": {"enabled": Check(bool), "target": Check(str), "runs": _int_range(1),
+              "threads": _list_of(int, lambda t: t >= 1, "a non-empty list of thread counts >= 1")},
+}
+
+
+def validate(recipe: Any, source: str = "recipe") -> Dict[str, Any]:
+    """The recipe merged over the defaults; ``ConfigError`` listing every problem with its key path."""
+    problems: List[str] = []
+    if recipe is None:
+        recipe = {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{source} must be a mapping of stage names to settings, got {type(recipe).__name__}; "
+                          "see `toolchain recipe --example`")
+    merged = copy.deepcopy(DEFAULT_RECIPE)
+    for stage, settings in recipe.items():
+        if stage not in SCHEMA:
+            problems.append(f"{stage}: unknown stage (known: {', '.join(SCHEMA)})")
+            continue
+        if settings is None:
+            continue
+        if not isinstance(settings, dict):
+            problems.append(f"{stage}: must be a mapping, got {type(settings).__name__}")
+            continue
+        for key, value in settings.items():
+            check = SCHEMA[stage].get(key)
+            path = f"{stage}.{key}"
+            if check is None:
+                problems.append(f"{path}: unknown key (known: {', '.join(SCHEMA[stage])})")
+                continue
+            kinds = check.kind if isinstance(check.kind, tuple) else (check.kind,)
+            if isinstance(value, bool) and bool not in kinds:
+                ok_type = False
+            else:
+                ok_type = isinstance(value, kinds)
+            if not ok_type:
+                want = "/".join(k.__name__ for k in kinds)
+                problems.append(f"{path}: {value!r} is a {type(value).__name__}, expected {want}"
+                                + (f" ({check.allowed})" if check.allowed else ""))
+            elif check.valid is not None and not check.valid(value):
+                problems.append(f"{path}: {value!r} is not {check.allowed}")
+            else:
+                merged[stage][key] = value
+    problems.extend(_cross_checks(merged))
+    if problems:
+        raise ConfigError(f"invalid {source}: " + "; ".join(problems) + "; see `toolchain recipe --example`")
+    return merged
+
+
+def _cross_checks(recipe: Dict[str, Any]) -> List[str]:
+    out = []
+    try:
+        from toolchain.relevance import RULES
+
+        if recipe["relevance"]["rule"] not in RULES:
+            out.append(f"relevance.rule: {recipe['relevance']['rule']!r} is not one of {', '.join(RULES)}")
+    except ImportError:  # pragma: no cover - the relevance package is part of the toolchain
+        pass
+    target = recipe["bench"]["target"]
+    if not (target in ("local", "emulated-pi4", "emulated-pi5") or target.startswith("ssh://")):
+        out.append(f"bench.target: {target!r} is not local, ssh://[user@]host[:port], emulated-pi4 or emulated-pi5")
+    return out
+
+
+def load_recipe(path: Optional[str]) -> Dict[str, Any]:
+    """Read and validate a YAML recipe; ``None`` gives the default recipe."""
+    if path is None:
+        return validate({}, "default recipe")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {p} does not exist; pass a YAML file (`toolchain recipe --example > recipe.yaml`)")
+    import yaml
+
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    return validate(data, f"recipe {p}")
