@@ -18,7 +18,7 @@ from toolchain.errors import ConfigError, ModelLoadError, ToolchainError
 from toolchain.model_io import file_sha256, load_model, model_hash, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TOOLCHAIN_SHARED", ROOT.parent / "shared"))
+SHARED = Path(os.environ.get("TOOLCHAIN_SHARED_DIR", ROOT.parent / "shared"))
 MLPERF = SHARED / "models" / "mlperf-tiny"
 KWS_SAVEDMODEL = MLPERF / "kws_ref_model"
 RESNET8_H5 = MLPERF / "resnet8_cifar10.h5"
@@ -31,7 +31,7 @@ L = tf.keras.layers
 def _needs(path: Path):
     return pytest.mark.skipif(
         not path.exists(),
-        reason=f"MLPerf Tiny reference file not found at {path}; set TOOLCHAIN_SHARED to the "
+        reason=f"MLPerf Tiny reference file not found at {path}; set TOOLCHAIN_SHARED_DIR to the "
                f"shared/ folder",
     )
 

@@ -19,7 +19,7 @@ import uuid
 import warnings
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Tuple
 
 from toolchain.errors import ConfigError, ModelLoadError
 

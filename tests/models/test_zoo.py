@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import ARCHITECTURES, Architecture, TrainResult, build_model, compile_classifier, \
-    train_model
+from models import (ARCHITECTURES, Architecture, TrainResult, build_model, compile_classifier,
+                    train_model)
 from toolchain.errors import ConfigError, DataError
 from toolchain.model_io import load_model, model_hash
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("TOOLCHAIN_SHARED", ROOT.parent / "shared"))
+SHARED = Path(os.environ.get("TOOLCHAIN_SHARED_DIR", ROOT.parent / "shared"))
 MLPERF = SHARED / "models" / "mlperf-tiny"
 KWS_SAVEDMODEL = MLPERF / "kws_ref_model"
 RESNET8_H5 = MLPERF / "resnet8_cifar10.h5"
@@ -25,14 +25,6 @@ EXPECTED_KEYS = {"lenet5", "alexnet", "vgg16", "ds_cnn", "resnet8", "digits_cnn"
 REFERENCE_ATOL = 1e-5
 DIGITS_MIN_ACCURACY = 0.95
 DIGITS_EPOCHS = 10
-
-
-def _needs(path: Path):
-    return pytest.mark.skipif(
-        not path.exists(),
-        reason=f"MLPerf Tiny reference model not found at {path}; set TOOLCHAIN_SHARED to the "
-               f"shared/ folder",
-    )
 
 
 def _cases():
@@ -80,28 +72,28 @@ def _assert_close(a, b, atol, what):
 def kws_reference():
     if not KWS_SAVEDMODEL.exists():
         pytest.skip(f"MLPerf Tiny KWS SavedModel not found at {KWS_SAVEDMODEL}; set "
-                    f"TOOLCHAIN_SHARED to the shared/ folder")
+                    f"TOOLCHAIN_SHARED_DIR to the shared/ folder")
     return load_model(KWS_SAVEDMODEL)
 
 
 @pytest.fixture(scope="module")
 def resnet8_reference():
     if not RESNET8_H5.exists():
-        pytest.skip(f"MLPerf Tiny ResNet-8 not found at {RESNET8_H5}; set TOOLCHAIN_SHARED to "
+        pytest.skip(f"MLPerf Tiny ResNet-8 not found at {RESNET8_H5}; set TOOLCHAIN_SHARED_DIR to "
                     f"the shared/ folder")
     return load_model(RESNET8_H5)
 
 
 @pytest.fixture(scope="module")
 def digits():
-    sklearn = pytest.importorskip("sklearn", reason="scikit-learn is needed for load_digits")
+    pytest.importorskip("sklearn", reason="scikit-learn is needed for load_digits")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     x = (bunch.images / 16.0).astype(np.float32)[..., None]
     x_train, x_eval, y_train, y_eval = train_test_split(
-        x, bunch.target, test_size=0.2, random_state=0, stratify=bunch.target)
+        x, bunch.target, test_size=0.25, random_state=0, stratify=bunch.target)
 
     class Digits:  # the attributes train_model reads from a toolchain.data Dataset
         input_shape = (8, 8, 1)
