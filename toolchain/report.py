@@ -1,0 +1,144 @@
+"""``report.html`` (self-contained: plots embedded as base64 PNG) and ``report.md`` for a build.
+
+The renderer is generic: it takes the build summary (plain JSON-able data assembled by the
+pipeline) and the plots written beside it, so every number in the report is one the pipeline
+measured and also wrote to ``summary.json``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Dict, List, Mapping, Sequence
+
+#: (summary key, column title, formatter) of the artifact table
+ARTIFACT_COLUMNS = (
+    ("name", "artifact", str),
+    ("format", "format", str),
+    ("accuracy", "accuracy", lambda v: f"{v:.2%}"),
+    ("agreement", "agreement with original", lambda v: f"{v:.2%}"),
+    ("packed_weight_bytes", "packed weights (B)", lambda v: f"{int(v):,}"),
+    ("size_bytes", "artifact (B)", lambda v: f"{int(v):,}"),
+    ("gzip_bytes", "gzip (B)", lambda v: f"{int(v):,}"),
+    ("p50_ms", "p50 (ms)", lambda v: f"{v:.3f}"),
+    ("p99_ms", "p99 (ms)", lambda v: f"{v:.3f}"),
+    ("peak_rss_mb", "peak RSS (MB)", lambda v: f"{v:.1f}"),
+    ("arena_bytes", "MCU arena (B)", lambda v: f"{int(v):,}"),
+)
+
+
+def _cell(row: Mapping, key: str, fmt) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    try:
+        return fmt(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _table_md(headers: Sequence[str], rows: List[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _table_html(headers: Sequence[str], rows: List[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def sections(summary: Mapping) -> List[dict]:
+    """The report's sections as (title, text, table headers, table rows, plots) in order."""
+    out = []
+    art = summary.get("artifacts", [])
+    if art:
+        out.append({"title": "Artifacts", "text": summary.get("artifacts_note", ""),
+                    "headers": [c[1] for c in ARTIFACT_COLUMNS],
+                    "rows": [[_cell(r, k, f) for k, _, f in ARTIFACT_COLUMNS] for r in art], "plots": []})
+    rel = summary.get("relevance")
+    if rel:
+        rows = [[name, l["class"], f"{l['sum']:.4g}", f"{l['positive_share']:.1%}", f"{l['zero_share']:.1%}",
+                 f"{l['negative_share']:.1%}"] for name, l in rel["layers"].items()]
+        out.append({"title": "Relevance", "text": f"{rel['rule']} on {rel['samples']} calibration samples, "
+                    f"explaining the {rel['class_selection']} class.",
+                    "headers": ["layer", "class", "sum", "> 0", "= 0", "< 0"], "rows": rows,
+                    "plots": ["relevance_layers.png"]})
+    pr = summary.get("prune")
+    if pr:
+        rows = [[name, f"{s:.1%}", ", ".join(map(str, pr.get("removed_channels", {}).get(name, [])))[:80] or "–"]
+                for name, s in pr["layer_sparsity"].items()]
+        acc_b, acc_a = pr.get("accuracy_before"), pr.get("accuracy_after")
+        acc = (f" Accuracy {acc_b:.2%} → {acc_a:.2%} on the evaluation split."
+               if acc_b is not None and acc_a is not None else "")
+        out.append({"title": "Pruning", "text": f"{pr['criterion']} criterion, {pr['granularity']} granularity, "
+                    f"{pr['rule']}: parameters {pr['params_before']:,} → {pr['params_after']:,}.{acc}",
+                    "headers": ["layer", "sparsity", "removed channels"], "rows": rows,
+                    "plots": ["prune_sparsity.png"]})
+    qu = summary.get("quantize")
+    if qu:
+        rows = []
+        for name, lb in qu["plan"]["layers"].items():
+            widths = lb["group_bits"] if lb.get("group_bits") else [lb["weight_bits"]]
+            rows.append([name, " ".join(map(str, widths))[:80], str(lb["activation_bits"])])
+        out.append({"title": "Bit widths", "text": f"{qu['allocator']} allocator, budget {qu.get('budget')}: "
+                    f"{qu['avg_weight_bits']:.2f} average bits per weight, {int(qu['packed_weight_bytes']):,} packed "
+                    f"weight bytes; simulated accuracy {qu['accuracy']:.2%}.",
+                    "headers": ["layer", "weight bits (per group)", "activation bits"], "rows": rows,
+                    "plots": ["bit_widths.png"]})
+    fid = summary.get("fidelity")
+    if fid:
+        out.append({"title": "Explanation fidelity", "text":
+                    f"Input relevance (LRP, {fid['rule']}) of the original and the compressed model on "
+                    f"{fid['samples']} evaluation samples: mean Pearson correlation "
+                    f"{fid['mean_correlation']:.3f} (median {fid['median_correlation']:.3f}). "
+                    f"{fid.get('note', '')}", "headers": [], "rows": [], "plots": ["fidelity_heatmaps.png"]})
+    out.append({"title": "Recipe", "text": "", "code": json.dumps(summary.get("recipe", {}), indent=2),
+                "headers": [], "rows": [], "plots": []})
+    versions = summary.get("versions", {})
+    out.append({"title": "Versions", "text": "", "headers": ["package", "version"],
+                "rows": [[k, str(v)] for k, v in sorted(versions.items())], "plots": []})
+    return out
+
+
+def write_report(summary: Mapping, out_dir: str | Path) -> Dict[str, Path]:
+    """Write ``report.md`` and ``report.html`` into ``out_dir`` (which holds the plots)."""
+    out_dir = Path(out_dir)
+    title = f"Compression report: {summary.get('model_name', 'model')} on {summary.get('data', '')}"
+    md: List[str] = [f"# {title}", ""]
+    body: List[str] = [f"<h1>{html.escape(title)}</h1>"]
+    headline = summary.get("headline")
+    if headline:
+        md += [headline, ""]
+        body.append(f"<p class='headline'>{html.escape(headline)}</p>")
+    for sec in sections(summary):
+        md += [f"## {sec['title']}", ""]
+        body.append(f"<h2>{html.escape(sec['title'])}</h2>")
+        if sec["text"]:
+            md += [sec["text"], ""]
+            body.append(f"<p>{html.escape(sec['text'])}</p>")
+        if sec.get("code"):
+            md += ["```json", sec["code"], "```", ""]
+            body.append(f"<pre>{html.escape(sec['code'])}</pre>")
+        if sec["rows"]:
+            md += [_table_md(sec["headers"], sec["rows"]), ""]
+            body.append(_table_html(sec["headers"], sec["rows"]))
+        for plot in sec["plots"]:
+            path = out_dir / plot
+            if path.is_file():
+                md += [f"![{plot}]({plot})", ""]
+                data = base64.b64encode(path.read_bytes()).decode()
+                body.append(f"<figure><img alt='{html.escape(plot)}' src='data:image/png;base64,{data}'>"
+                            f"<figcaption>{html.escape(plot)}</figcaption></figure>")
+    style = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+             "pre{background:#f6f6f6;padding:1em;overflow:auto}.headline{font-size:1.1em;font-weight:600}")
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    (out_dir / "report.md").write_text("\n".join(md))
+    (out_dir / "report.html").write_text(page)
+    return {"md": out_dir / "report.md", "html": out_dir / "report.html"}
