@@ -17,6 +17,8 @@ COMMANDS = (
     "toolchain.commands.relevance",
     "toolchain.commands.train",
     "toolchain.commands.listing",
+    "toolchain.commands.compress",
+    "toolchain.commands.recipe",
 )
 #: stage subcommands added as the stages land; a missing module is simply not offered
 OPTIONAL_COMMANDS = (
@@ -24,7 +26,6 @@ OPTIONAL_COMMANDS = (
     "toolchain.quantize.command",
     "toolchain.export.command",
     "deploy.command",
-    "toolchain.compress_command",
 )
 
 

@@ -1,0 +1,87 @@
+"""`toolchain compress` end to end on digits with a small model: artifacts verified in their
+runtimes, report written, stage outputs reused on a second run, the input model untouched, and a
+failed run leaving the previous complete build in place."""
+import json
+
+import numpy as np
+import pytest
+
+from toolchain.cli import main
+from toolchain.model_io import file_sha256
+
+FAST_RECIPE = """
+relevance: {samples: 200}
+prune: {sparsity: 0.2}
+quantize: {bits: [4, 8], budget: avg-bits=6}
+export: {formats: [tflite-fp32, tflite-int8, tflite-mixed, onnx-int8, mcu]}
+bench: {runs: 20}
+"""
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    from models import train_model
+    from toolchain.data import load_dataset
+
+    path = tmp_path_factory.mktemp("model") / "digits.keras"
+    train_model("digits_cnn", load_dataset("digits"), 4, path, verbose=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def build(digits_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("compress")
+    recipe = d / "recipe.yaml"
+    recipe.write_text(FAST_RECIPE)
+    before = file_sha256(digits_model)
+    code = main(["compress", "--model", str(digits_model), "--data", "digits", "--recipe", str(recipe),
+                 "--out", str(d / "build"), "--quiet"])
+    assert code == 0
+    return d, recipe, before
+
+
+def test_build_contents(build, digits_model):
+    d, _, before = build
+    out = d / "build"
+    for name in ("report.html", "report.md", "summary.json", "bitplan.json", "model_pruned.keras",
+                 "relevance/relevance.npz", "artifacts/verify.json", "artifacts/mcu/model_data.cc",
+                 "relevance_layers.png", "fidelity_heatmaps.png", "bit_widths.png", "prune_sparsity.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    formats = {r["format"] for r in summary["artifacts"] if r["origin"] == "compressed"}
+    assert {"tflite-int8", "tflite-mixed", "onnx-int8", "mcu"} <= formats
+    assert summary["verify"]["passed"]
+    for row in summary["artifacts"]:
+        if row["format"] != "mcu":
+            assert 0.5 < row["accuracy"] <= 1 and row["p50_ms"] > 0 and row["gzip_bytes"] > 0
+    mixed = next(r for r in summary["artifacts"] if r["format"] == "tflite-mixed")
+    base = next(r for r in summary["artifacts"] if r["origin"] == "baseline")
+    assert mixed["size_bytes"] < base["size_bytes"] / 3
+    assert summary["prune"]["params_after"] < summary["prune"]["params_before"]
+    assert -1 <= summary["fidelity"]["mean_correlation"] <= 1
+    assert summary["versions"]["tensorflow"] == "2.14.1"
+    assert file_sha256(digits_model) == before  # the input model is never modified
+    assert not list(d.glob(".build.partial-*"))
+
+
+def test_second_run_reuses_stage_outputs_and_failure_keeps_previous_build(build, digits_model, capsys):
+    d, recipe, _ = build
+    out = d / "build"
+    summary_before = (out / "summary.json").read_text()
+    # an impossible verification threshold makes the run fail after the expensive stages
+    strict = d / "strict.yaml"
+    strict.write_text(FAST_RECIPE.replace("bench: {runs: 20}", "bench: {enabled: false}")
+                      + "verify: {min_agreement: 1.0, max_accuracy_drop: 0.0}\n")
+    capsys.readouterr()
+    code = main(["compress", "--model", str(digits_model), "--data", "digits", "--recipe", str(strict),
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert (out / "summary.json").read_text() == summary_before  # previous complete build intact
+    assert not list(d.glob(".build.partial-*"))
+    # the same recipe again: relevance, pruning and the bit plan come from the caches
+    code = main(["compress", "--model", str(digits_model), "--data", "digits", "--recipe", str(recipe),
+                 "--out", str(out), "--quiet", "--json"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"relevance", "prune", "quantize"} <= set(summary["cached_stages"])

@@ -1,0 +1,361 @@
+"""``toolchain compress``: relevance → prune → quantize → export → verify → benchmark → report.
+
+Every setting comes from a validated recipe (``toolchain.recipe``). Stage outputs are cached
+(relevance in its own cache, pruning and the bit plan in ``toolchain.stagecache``), keyed by the
+input model's hash, the data hash and the stage's settings. The output directory is assembled in a
+temporary directory and moved into place at the end (``staged_output``): an interrupted or failed
+run leaves the previous complete build or nothing. The input model file is never modified.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from toolchain.errors import ConfigError
+
+STAGES = ("relevance", "prune", "quantize", "export", "bench", "fidelity", "report")
+#: evaluation samples used for the explanation-fidelity comparison (two LRP runs)
+FIDELITY_SAMPLES = 200
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    out_dir: Path
+    summary: dict
+
+    @property
+    def headline(self) -> str:
+        return self.summary.get("headline", "")
+
+
+class _Progress:
+    """Stage lines on stderr ("[2/7] prune: ..."), silent when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+
+    def stage(self, name: str, text: str) -> None:
+        if not self.quiet:
+            i = STAGES.index(name) + 1
+            print(f"[{i}/{len(STAGES)}] {name}: {text} ({time.perf_counter() - self.t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+
+
+def library_versions() -> Dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("tensorflow", "keras", "innvestigate", "tensorflow-model-optimization", "tf2onnx", "onnx",
+                 "onnxruntime", "numpy", "protobuf", "scikit-learn", "matplotlib"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    from toolchain import __version__
+
+    out["toolchain"] = __version__
+    return out
+
+
+def _gzip_size(path: Path) -> int:
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
+
+
+def _predict_artifact(artifact, x: np.ndarray) -> np.ndarray:
+    from toolchain.verify import runtime_for
+
+    return np.asarray(runtime_for(artifact)(x))
+
+
+def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
+    from toolchain import stagecache
+    from toolchain.prune import prune
+
+    p = recipe["prune"]
+    settings = {k: p[k] for k in ("criterion", "granularity", "mode", "sparsity", "fine_tune_epochs")}
+    entry = stagecache.key("prune", m_hash, d_hash, settings, recipe["relevance"])
+    hit = stagecache.get(entry)
+    if hit is not None and hit[0] is not None:
+        return hit[0], hit[1], True
+    result = prune(model, dataset, criterion=p["criterion"], granularity=p["granularity"],
+                   rule="nonpositive" if p["mode"] == "nonpositive" else None,
+                   sparsity=None if p["mode"] == "nonpositive" else float(p["sparsity"]),
+                   relevance=rmap if p["criterion"] == "relevance" else None,
+                   lrp_rule=recipe["relevance"]["rule"], class_selection=recipe["relevance"]["classes"],
+                   samples=recipe["relevance"]["samples"], fine_tune_epochs=p["fine_tune_epochs"], quiet=quiet)
+    summary = result.summary()
+    stagecache.put(entry, summary, result.model)
+    return result.model, summary, False
+
+
+def _quantize(model, dataset, recipe, m_hash, d_hash, quiet):
+    from toolchain import stagecache
+    from toolchain.quantize import plan_bits, quantize
+    from toolchain.quantize.bitplan import BitPlan
+
+    q = recipe["quantize"]
+    settings = {k: q[k] for k in ("allocator", "bits", "budget", "granularity", "group_size", "qat_epochs")}
+    entry = stagecache.key("quantize", m_hash, d_hash, settings, recipe["relevance"])
+    hit = stagecache.get(entry)
+    if hit is not None:
+        return BitPlan.from_dict(hit[1]["plan"]), hit[1]["result"], True
+    plan = plan_bits(model, dataset, allocator=q["allocator"], candidates=q["bits"],
+                     budget=None if q["allocator"] == "uniform" and len(q["bits"]) == 1 else q["budget"],
+                     granularity=q["granularity"], group_size=q["group_size"], rule=recipe["relevance"]["rule"],
+                     calibration_samples=recipe["relevance"]["samples"], quiet=quiet)
+    result = quantize(model, plan, dataset, qat_epochs=q["qat_epochs"],
+                      calibration_samples=recipe["relevance"]["samples"], quiet=quiet).to_dict()
+    result.pop("history", None)
+    stagecache.put(entry, {"plan": plan.to_dict(), "result": result})
+    return plan, result, False
+
+
+def _verify_overrides(recipe) -> dict:
+    from toolchain.verify import DEFAULT_THRESHOLDS, Thresholds
+
+    v = recipe["verify"]
+    return {kind: Thresholds(min_agreement=v["min_agreement"], max_abs_diff=DEFAULT_THRESHOLDS[kind].max_abs_diff,
+                             max_mean_abs_diff=DEFAULT_THRESHOLDS[kind].max_mean_abs_diff,
+                             max_accuracy_drop=v["max_accuracy_drop"])
+            for kind in ("int8", "mixed")}
+
+
+def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optional[str] = None,
+                 target: Optional[str] = None, trust_model: bool = False, data_dir: Optional[str] = None,
+                 quiet: bool = False) -> CompressResult:
+    from toolchain.data import check_compatible, load_dataset
+    from toolchain.export import export, parse_formats
+    from toolchain.model_io import file_sha256, load_model, model_hash
+    from toolchain.outdir import check_output_dir, staged_output
+    from toolchain.recipe import load_recipe, validate
+    from toolchain.relevance import compute_relevance, save_relevance
+    from toolchain.relevance.plots import plot_layer_distributions
+
+    # -- everything that can be checked is checked before any work ---------------------------
+    recipe = load_recipe(recipe_path)
+    if target is not None:
+        recipe = validate({**recipe, "bench": {**recipe["bench"], "target": target}}, "recipe (--target)")
+    parse_formats(recipe["export"]["formats"])
+    out_dir = check_output_dir(out)
+    progress = _Progress(quiet)
+    input_hash = file_sha256(model_path) if Path(model_path).exists() else None
+    model = load_model(model_path, trust_model=trust_model)
+    dataset = load_dataset(data_spec, data_dir=data_dir)
+    check_compatible(dataset, tuple(model.input_shape[1:]), int(model.output_shape[-1]))
+    if dataset.x_eval is None:
+        raise ConfigError(f"dataset {data_spec!r} has no evaluation split; compress needs one to verify "
+                          "artifacts (npz: add x_eval and y_eval)")
+    if recipe["bench"]["enabled"]:
+        from deploy.targets import resolve_target
+
+        resolve_target(recipe["bench"]["target"])  # an unknown or malformed target fails now
+    m_hash, d_hash = model_hash(model), dataset.content_hash()
+    summary: dict = {"model": str(Path(model_path).resolve()), "model_name": Path(model_path).name,
+                     "data": data_spec, "data_provenance": dataset.provenance, "recipe": recipe,
+                     "versions": library_versions(), "cached_stages": []}
+
+    with staged_output(out_dir) as stage:
+        # 1. relevance of the original model on the calibration samples
+        rel = recipe["relevance"]
+        x_cal, y_cal = dataset.calibration(min(rel["samples"], len(dataset.x_train)))
+        progress.stage("relevance", f"{rel['rule']} on {len(x_cal)} calibration samples")
+        rmap = compute_relevance(model, x_cal, y_cal, rule=rel["rule"], class_selection=rel["classes"],
+                                 quiet=quiet)
+        if rmap.cached:
+            summary["cached_stages"].append("relevance")
+        save_relevance(rmap, stage / "relevance")
+        plot_layer_distributions(rmap, stage / "relevance_layers.png")
+        summary["relevance"] = rmap.metadata()
+
+        # 2. pruning
+        compressed = model
+        if recipe["prune"]["enabled"]:
+            p = recipe["prune"]
+            progress.stage("prune", f"{p['criterion']} / {p['granularity']} / "
+                           + ("nonpositive" if p["mode"] == "nonpositive" else f"sparsity {p['sparsity']}"))
+            compressed, prune_summary, cached = _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet)
+            if cached:
+                summary["cached_stages"].append("prune")
+            summary["prune"] = prune_summary
+            from toolchain.model_io import save_model
+
+            save_model(compressed, stage / "model_pruned.keras")
+            _plot_sparsity(prune_summary, stage / "prune_sparsity.png")
+
+        # 3. mixed-precision bit plan, simulated
+        plan = None
+        if recipe["quantize"]["enabled"]:
+            q = recipe["quantize"]
+            progress.stage("quantize", f"{q['allocator']} allocator, bits {q['bits']}, budget {q['budget']}")
+            c_hash = model_hash(compressed)
+            plan, quant_summary, cached = _quantize(compressed, dataset, recipe, c_hash, d_hash, quiet)
+            if cached:
+                summary["cached_stages"].append("quantize")
+            plan.save(stage / "bitplan.json")
+            summary["quantize"] = {**quant_summary, "plan": plan.to_dict(), "allocator": plan.allocator,
+                                   "budget": plan.budget}
+            _plot_bits(plan, stage / "bit_widths.png")
+
+        # 4./5. export + verify (in their runtimes), then benchmark
+        formats = [f for f in parse_formats(recipe["export"]["formats"]) if plan is not None or "mixed" not in f]
+        progress.stage("export", ", ".join(formats))
+        bundle = export(compressed, dataset, formats, stage / "artifacts", bitplan=plan,
+                        thresholds=_verify_overrides(recipe), quiet=quiet)
+        baseline = export(model, dataset, ["tflite-fp32"], stage / "baseline", quiet=quiet)
+        summary["verify"] = bundle.verify.to_dict()
+        rows = _artifact_rows(bundle, baseline, model, dataset, plan, compressed)
+        if recipe["bench"]["enabled"]:
+            b = recipe["bench"]
+            progress.stage("bench", f"target {b['target']}, {b['runs']} runs, threads {b['threads']}")
+            _bench_rows(rows, data_spec, data_dir, b, stage / "bench", quiet)
+        summary["artifacts"] = rows
+        if bundle.mcu is not None:
+            summary["mcu"] = dict(bundle.mcu.manifest)
+
+        # 6. explanation fidelity on the evaluation split
+        progress.stage("fidelity", f"LRP heatmaps of original vs compressed on {FIDELITY_SAMPLES} eval samples")
+        summary["fidelity"] = _fidelity(model, compressed, plan, dataset, rel["rule"], stage, quiet)
+
+        # 7. report
+        progress.stage("report", "report.html, report.md")
+        summary["headline"] = _headline(rows)
+        summary["input_model_sha256"] = input_hash
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        from toolchain.report import write_report
+
+        write_report(summary, stage)
+    if input_hash is not None and file_sha256(model_path) != input_hash:  # pragma: no cover - a guard
+        raise ConfigError(f"the input model {model_path} changed during the run; it must be read-only to us")
+    return CompressResult(out_dir, summary)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def _artifact_rows(bundle, baseline, original, dataset, plan, compressed) -> List[dict]:
+    """One row per artifact: accuracy, agreement with the ORIGINAL model, sizes three ways."""
+    x, y = dataset.x_eval, dataset.y_eval
+    original_top1 = np.argmax(original.predict(x, verbose=0), axis=-1)
+    packed = None
+    if plan is not None:
+        from toolchain.quantize.size import plan_size
+        from toolchain.quantize.simulate import fold_batchnorm
+
+        packed = plan_size(fold_batchnorm(compressed), plan).to_dict().get("packed_weight_bytes")
+    rows = []
+    for origin, b in (("baseline", baseline), ("compressed", bundle)):
+        for fmt, art in b.artifacts.items():
+            top1 = np.argmax(_predict_artifact(art, x), axis=-1)
+            rows.append({
+                "name": f"{origin}/{Path(art.path).name}", "format": fmt, "origin": origin,
+                "path": str(art.path), "accuracy": float((top1 == y).mean()),
+                "agreement": float((top1 == original_top1).mean()),
+                "size_bytes": int(art.size_bytes), "gzip_bytes": _gzip_size(art.path),
+                "packed_weight_bytes": packed if (origin == "compressed" and "mixed" in fmt) else None,
+            })
+    if bundle.mcu is not None:
+        rows.append({"name": "compressed/mcu", "format": "mcu", "origin": "compressed",
+                     "size_bytes": int(bundle.mcu.flash_bytes), "arena_bytes": int(bundle.mcu.arena.arena_bytes)})
+    return rows
+
+
+def _bench_rows(rows, data_spec, data_dir, b, bench_dir: Path, quiet) -> None:
+    from deploy.bench import bench
+
+    for row in rows:
+        if row["format"] == "mcu" or "path" not in row:
+            continue
+        out = bench_dir / row["name"].replace("/", "_")
+        result = bench(row["path"], target=b["target"], data=data_spec, data_dir=data_dir, runs=b["runs"],
+                       threads=tuple(b["threads"]), out=out, quiet=quiet)
+        first = result.measurements[0]
+        row.update({"p50_ms": first.p50_ms, "p99_ms": first.p99_ms, "peak_rss_mb": first.peak_rss_mib,
+                    "bench_config": first.config.label(), "emulated": result.emulated})
+
+
+def _fidelity(model, compressed, plan, dataset, rule, stage: Path, quiet) -> dict:
+    from toolchain.fidelity import dequantized_copy, explanation_fidelity, plot_fidelity
+
+    n = min(FIDELITY_SAMPLES, len(dataset.x_eval))
+    x, y = dataset.x_eval[:n], dataset.y_eval[:n]
+    analysed = dequantized_copy(compressed, plan) if plan is not None else compressed
+    result = explanation_fidelity(model, analysed, x, y, rule=rule, quiet=quiet)
+    plot_fidelity(result, x, stage / "fidelity_heatmaps.png", class_names=list(dataset.class_names), y=y)
+    return result.summary()
+
+
+def _headline(rows: List[dict]) -> str:
+    base = next((r for r in rows if r["origin"] == "baseline" and r["format"] == "tflite-fp32"), None)
+    best = [r for r in rows if r["origin"] == "compressed" and r["format"].startswith("tflite")
+            and r["format"] != "tflite-fp32"]
+    if base is None or not best:
+        return ""
+    pick = next((r for r in best if r["format"] == "tflite-mixed"), best[0])
+    text = (f"{pick['format']}: {pick['size_bytes']:,} bytes ({pick['size_bytes'] / base['size_bytes']:.0%} of the "
+            f"original float32 TFLite), accuracy {pick['accuracy']:.2%} (original {base['accuracy']:.2%}), "
+            f"agreement with the original {pick['agreement']:.2%}")
+    if pick.get("p50_ms") and base.get("p50_ms"):
+        text += f", p50 {pick['p50_ms']:.3f} ms ({base['p50_ms'] / pick['p50_ms']:.1f}x faster than float32)"
+    return text
+
+
+def _plot_sparsity(prune_summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(prune_summary["layer_sparsity"])
+    values = [prune_summary["layer_sparsity"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.35 * len(names) + 1)))
+    ax.barh(names, values, color="tab:purple")
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("fraction of the kernel removed")
+    ax.set_title(f"{prune_summary['criterion']} / {prune_summary['granularity']}: parameters "
+                 f"{prune_summary['params_before']:,} → {prune_summary['params_after']:,}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_bits(plan, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(plan.layers)
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.35 * len(names) + 1)))
+    for i, name in enumerate(names):
+        lb = plan.layers[name]
+        widths = list(lb.group_bits) if lb.group_bits else [lb.weight_bits]
+        n = len(widths)
+        for j, w in enumerate(widths):
+            ax.barh(i, 1 / n, left=j / n, color=plt.cm.viridis(min(w, 8) / 8), edgecolor="white")
+            if n <= 16:
+                ax.text((j + 0.5) / n, i, str(w), ha="center", va="center", fontsize=7,
+                        color="black" if w >= 6 else "white")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("output channels (groups) → bit width")
+    ax.set_title(f"bit plan: {plan.allocator}, budget {plan.budget}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
