@@ -1,0 +1,327 @@
+"""Microcontroller bundle for an integer ``.tflite`` (tflite-micro).
+
+``write_mcu_bundle(tflite_path, out_dir, name)`` writes
+
+* ``model_data.h`` / ``model_data.cc``: ``alignas(16) const unsigned char g_<name>_model_data[]``
+  and ``const unsigned int g_<name>_model_data_len``, generated in Python the way tflite-micro's
+  ``generate_cc_arrays.py`` does (the ``.cc`` includes its header, so the arrays have external
+  linkage even though they are ``const``);
+* ``op_resolver.h``: a ``tflite::MicroMutableOpResolver<N>`` alias and a registration function
+  calling exactly one ``AddXxx()`` per builtin operator the flatbuffer uses (read with
+  TensorFlow's generated schema module, mapped through :data:`MICRO_OP_METHODS`);
+* ``manifest.json``: input/output names, shapes, dtypes, scales and zero points, operators, flash
+  and arena sizes, sha256 of the model and of every generated file.
+
+Arena estimate (bytes): tensor lifetimes are read from the flatbuffer (first producing op to last
+consuming op; graph inputs live from the start, outputs to the end) and the non-constant tensors
+are placed by greedy offline planning, largest first, at the lowest 16-byte aligned offset that
+does not overlap a placed tensor alive at the same time (tflite-micro's GreedyMemoryPlanner).
+Each CONV_2D / DEPTHWISE_CONV_2D also gets a scratch buffer alive during that op only, sized as
+CMSIS-NN's int8 im2col buffer (``2 * kh * kw * cin`` bytes). The documented margin on top:
+persistent allocations estimated as :data:`PERSISTENT_BYTES_PER_TENSOR` per tensor,
+:data:`PERSISTENT_BYTES_PER_OP` per operator and 8 bytes per output channel of quantized kernels
+(per-channel multiplier and shift), then :data:`ARENA_SAFETY` (10 %) of the total and rounded up
+to 16 bytes. Flash is the model array (``g_<name>_model_data_len``); code size is not included.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from toolchain.errors import ConfigError, ConversionError
+from toolchain.export.artifact import sha256_bytes, write_bytes_atomic
+from toolchain.export.flatbuffer import FlatbufferInfo, read_flatbuffer
+
+ALIGNMENT = 16
+BYTES_PER_LINE = 12
+PERSISTENT_BYTES_PER_TENSOR = 16   # TfLiteEvalTensor (12 B on 32-bit) + bookkeeping
+PERSISTENT_BYTES_PER_OP = 64       # TfLiteNode, registration pointer, kernel op data
+PER_CHANNEL_BYTES = 8              # int32 multiplier + int32 shift per output channel
+ARENA_SAFETY = 0.10
+
+#: builtin operator -> tflite::MicroMutableOpResolver method (tflite-micro's
+#: micro_mutable_op_resolver.h). Operators not listed have no tflite-micro kernel.
+MICRO_OP_METHODS: Mapping[str, str] = {
+    "ABS": "AddAbs", "ADD": "AddAdd", "ADD_N": "AddAddN", "ARG_MAX": "AddArgMax", "ARG_MIN": "AddArgMin",
+    "AVERAGE_POOL_2D": "AddAveragePool2D", "BATCH_MATMUL": "AddBatchMatMul",
+    "BATCH_TO_SPACE_ND": "AddBatchToSpaceNd", "BROADCAST_ARGS": "AddBroadcastArgs",
+    "BROADCAST_TO": "AddBroadcastTo", "CALL_ONCE": "AddCallOnce", "CAST": "AddCast", "CEIL": "AddCeil",
+    "CONCATENATION": "AddConcatenation", "CONV_2D": "AddConv2D", "COS": "AddCos", "CUMSUM": "AddCumSum",
+    "DEPTH_TO_SPACE": "AddDepthToSpace", "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D",
+    "DEQUANTIZE": "AddDequantize", "DIV": "AddDiv", "ELU": "AddElu", "EQUAL": "AddEqual", "EXP": "AddExp",
+    "EXPAND_DIMS": "AddExpandDims", "FILL": "AddFill", "FLOOR": "AddFloor", "FLOOR_DIV": "AddFloorDiv",
+    "FLOOR_MOD": "AddFloorMod", "FULLY_CONNECTED": "AddFullyConnected", "GATHER": "AddGather",
+    "GATHER_ND": "AddGatherNd", "GREATER": "AddGreater", "GREATER_EQUAL": "AddGreaterEqual",
+    "HARD_SWISH": "AddHardSwish", "IF": "AddIf", "L2_NORMALIZATION": "AddL2Normalization",
+    "L2_POOL_2D": "AddL2Pool2D", "LEAKY_RELU": "AddLeakyRelu", "LESS": "AddLess",
+    "LESS_EQUAL": "AddLessEqual", "LOG": "AddLog", "LOG_SOFTMAX": "AddLogSoftmax",
+    "LOGICAL_AND": "AddLogicalAnd", "LOGICAL_NOT": "AddLogicalNot", "LOGICAL_OR": "AddLogicalOr",
+    "LOGISTIC": "AddLogistic", "MAX_POOL_2D": "AddMaxPool2D", "MAXIMUM": "AddMaximum", "MEAN": "AddMean",
+    "MINIMUM": "AddMinimum", "MIRROR_PAD": "AddMirrorPad", "MUL": "AddMul", "NEG": "AddNeg",
+    "NOT_EQUAL": "AddNotEqual", "PACK": "AddPack", "PAD": "AddPad", "PADV2": "AddPadV2",
+    "PRELU": "AddPrelu", "QUANTIZE": "AddQuantize", "REDUCE_MAX": "AddReduceMax", "RELU": "AddRelu",
+    "RELU6": "AddRelu6", "RESHAPE": "AddReshape", "RESIZE_BILINEAR": "AddResizeBilinear",
+    "RESIZE_NEAREST_NEIGHBOR": "AddResizeNearestNeighbor", "ROUND": "AddRound", "RSQRT": "AddRsqrt",
+    "SELECT_V2": "AddSelectV2", "SHAPE": "AddShape", "SIN": "AddSin", "SLICE": "AddSlice",
+    "SOFTMAX": "AddSoftmax", "SPACE_TO_BATCH_ND": "AddSpaceToBatchNd", "SPACE_TO_DEPTH": "AddSpaceToDepth",
+    "SPLIT": "AddSplit", "SPLIT_V": "AddSplitV", "SQRT": "AddSqrt", "SQUARE": "AddSquare",
+    "SQUARED_DIFFERENCE": "AddSquaredDifference", "SQUEEZE": "AddSqueeze",
+    "STRIDED_SLICE": "AddStridedSlice", "SUB": "AddSub", "SUM": "AddSum", "SVDF": "AddSvdf",
+    "TANH": "AddTanh", "TRANSPOSE": "AddTranspose", "TRANSPOSE_CONV": "AddTransposeConv",
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": "AddUnidirectionalSequenceLSTM", "UNPACK": "AddUnpack",
+    "VAR_HANDLE": "AddVarHandle", "READ_VARIABLE": "AddReadVariable",
+    "ASSIGN_VARIABLE": "AddAssignVariable", "WHILE": "AddWhile", "ZEROS_LIKE": "AddZerosLike",
+}
+_INTEGER_WEIGHTS = ("INT8", "INT4", "INT16", "INT32")
+
+
+def c_identifier(name: str) -> str:
+    """``name`` as a C identifier fragment: lower-case ``[a-z0-9_]``, starting with a letter."""
+    ident = re.sub(r"[^0-9a-zA-Z_]+", "_", name).strip("_").lower()
+    if not ident or not ident[0].isalpha():
+        ident = "model_" + ident if ident else "model"
+    return ident
+
+
+# --------------------------------------------------------------------------------------------
+# C arrays (generate_cc_arrays.py style)
+
+
+def cc_arrays(name: str, data: bytes, header_name: str = "model_data.h",
+              source_note: str = "") -> Tuple[str, str]:
+    """``(header, source)`` text declaring/defining ``g_<name>_model_data`` and its length."""
+    ident = c_identifier(name)
+    array, length = f"g_{ident}_model_data", f"g_{ident}_model_data_len"
+    guard = f"{ident.upper()}_MODEL_DATA_H_"
+    note = f"// {source_note}\n" if source_note else ""
+    header = (
+        "// Generated by toolchain.export.mcu; do not edit.\n" + note +
+        f"#ifndef {guard}\n#define {guard}\n\n"
+        f"extern const unsigned char {array}[];\n"
+        f"extern const unsigned int {length};\n\n"
+        f"#endif  // {guard}\n")
+    lines = []
+    for start in range(0, len(data), BYTES_PER_LINE):
+        chunk = data[start:start + BYTES_PER_LINE]
+        lines.append("    " + ", ".join(f"0x{b:02x}" for b in chunk) + ",")
+    source = (
+        "// Generated by toolchain.export.mcu; do not edit.\n" + note +
+        f'#include "{header_name}"\n\n'
+        f"// Flatbuffers need 16-byte alignment for direct access on the device.\n"
+        f"alignas({ALIGNMENT}) const unsigned char {array}[] = {{\n" + "\n".join(lines) + "\n};\n"
+        f"const unsigned int {length} = {len(data)};\n")
+    return header, source
+
+
+# --------------------------------------------------------------------------------------------
+# Op resolver
+
+
+def micro_ops(info: FlatbufferInfo) -> List[Tuple[str, str]]:
+    """``(builtin operator, AddXxx method)`` per distinct operator, in order of first use.
+
+    Raises ``ConversionError`` naming every operator tflite-micro has no kernel for."""
+    ops = info.op_names()
+    missing = [op for op in ops if op not in MICRO_OP_METHODS]
+    if missing:
+        raise ConversionError(
+            f"operators {', '.join(missing)} have no tflite-micro kernel (MicroMutableOpResolver "
+            f"supports {len(MICRO_OP_METHODS)} builtins); build the MCU bundle from tflite-int8 "
+            "(dense, full integer)")
+    return [(op, MICRO_OP_METHODS[op]) for op in ops]
+
+
+def op_resolver_header(name: str, ops: Sequence[Tuple[str, str]], source_note: str = "") -> str:
+    ident = c_identifier(name)
+    camel = "".join(p.capitalize() for p in ident.split("_"))
+    guard = f"{ident.upper()}_OP_RESOLVER_H_"
+    calls = "\n".join(f"  if ((status = resolver.{method}()) != kTfLiteOk) return status;  // {op}"
+                      for op, method in ops)
+    note = f"// {source_note}\n" if source_note else ""
+    return (
+        "// Generated by toolchain.export.mcu; do not edit.\n" + note +
+        f"// Exactly the builtin operators the flatbuffer uses: {', '.join(op for op, _ in ops)}.\n"
+        f"#ifndef {guard}\n#define {guard}\n\n"
+        '#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"\n\n'
+        f"constexpr unsigned int k{camel}OpCount = {len(ops)};\n"
+        f"using {camel}OpResolver = tflite::MicroMutableOpResolver<{len(ops)}>;\n\n"
+        f"inline TfLiteStatus Register{camel}Ops({camel}OpResolver& resolver) {{\n"
+        "  TfLiteStatus status;\n" + calls + "\n  return kTfLiteOk;\n}\n\n"
+        f"#endif  // {guard}\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Arena estimate
+
+
+@dataclass(frozen=True)
+class PlannedBuffer:
+    name: str
+    size: int
+    first_op: int
+    last_op: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class ArenaEstimate:
+    planned_bytes: int              # greedy plan of activations + scratch
+    persistent_bytes: int           # documented estimate of tflite-micro's persistent data
+    margin_bytes: int               # ARENA_SAFETY of the above
+    arena_bytes: int                # what to pass as the tensor arena size
+    buffers: Tuple[PlannedBuffer, ...] = field(repr=False, default=())
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "buffers"}
+        d["method"] = ("greedy offline planning of tensor lifetimes (largest first, lowest 16-byte "
+                       "aligned non-overlapping offset) + CMSIS-NN conv scratch; + persistent estimate "
+                       f"({PERSISTENT_BYTES_PER_TENSOR} B/tensor, {PERSISTENT_BYTES_PER_OP} B/op, "
+                       f"{PER_CHANNEL_BYTES} B/quantized output channel); + {int(ARENA_SAFETY * 100)}% margin")
+        d["largest_buffers"] = [asdict(b) for b in sorted(self.buffers, key=lambda b: -b.size)[:5]]
+        return d
+
+
+def _align(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def tensor_lifetimes(info: FlatbufferInfo) -> Dict[int, Tuple[int, int]]:
+    """Non-constant tensor index -> (first op, last op) it must be alive for."""
+    last_op = max(len(info.ops) - 1, 0)
+    life: Dict[int, List[int]] = {}
+    for t in info.inputs:
+        life[t] = [0, 0]
+    for op in info.ops:
+        for t in op.outputs:
+            if t >= 0 and not info.tensors[t].is_constant:
+                life.setdefault(t, [op.index, op.index])
+                life[t][1] = max(life[t][1], op.index)
+        for t in op.inputs:
+            if t >= 0 and not info.tensors[t].is_constant:
+                life.setdefault(t, [op.index, op.index])
+                life[t][1] = max(life[t][1], op.index)
+    for t in info.outputs:
+        life.setdefault(t, [last_op, last_op])
+        life[t][1] = last_op
+    return {t: (a, b) for t, (a, b) in life.items()}
+
+
+def _scratch(info: FlatbufferInfo) -> List[Tuple[str, int, int]]:
+    out = []
+    for op in info.ops:
+        if op.op in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(op.inputs) > 1:
+            x, w = info.tensors[op.inputs[0]], info.tensors[op.inputs[1]]
+            if len(w.shape) == 4 and len(x.shape) == 4:
+                kh, kw = w.shape[1], w.shape[2]
+                out.append((f"scratch:{op.op}#{op.index}", 2 * kh * kw * x.shape[3], op.index))
+    return out
+
+
+def greedy_plan(items: Sequence[Tuple[str, int, int, int]]) -> Tuple[int, Tuple[PlannedBuffer, ...]]:
+    """Place ``(name, size, first, last)`` buffers; returns (arena high-water mark, placements)."""
+    order = sorted(items, key=lambda it: (-it[1], it[2], it[0]))
+    placed: List[PlannedBuffer] = []
+    for name, size, first, last in order:
+        size = _align(size)
+        live = sorted((p for p in placed if not (p.last_op < first or p.first_op > last)),
+                      key=lambda p: p.offset)
+        offset = 0
+        for p in live:
+            if offset + size <= p.offset:
+                break
+            offset = max(offset, _align(p.offset + p.size))
+        placed.append(PlannedBuffer(name, size, first, last, offset))
+    high = max((p.offset + p.size for p in placed), default=0)
+    return high, tuple(placed)
+
+
+def estimate_arena(info: FlatbufferInfo) -> ArenaEstimate:
+    items = [(info.tensors[t].name or f"t{t}", info.tensors[t].activation_bytes, a, b)
+             for t, (a, b) in tensor_lifetimes(info).items()]
+    items += [(name, size, i, i) for name, size, i in _scratch(info)]
+    planned, buffers = greedy_plan(items)
+    channels = 0
+    for op in info.kernel_ops():
+        w = info.weight_of(op)
+        if w is not None and w.type in _INTEGER_WEIGHTS and w.shape:
+            channels += w.shape[3] if op.op == "DEPTHWISE_CONV_2D" else w.shape[0]
+    persistent = (PERSISTENT_BYTES_PER_TENSOR * len(info.tensors) + PERSISTENT_BYTES_PER_OP * len(info.ops)
+                  + PER_CHANNEL_BYTES * channels)
+    margin = int(np.ceil(ARENA_SAFETY * (planned + persistent)))
+    return ArenaEstimate(planned, persistent, margin, _align(planned + persistent + margin), buffers)
+
+
+# --------------------------------------------------------------------------------------------
+# Bundle
+
+
+@dataclass(frozen=True)
+class McuBundle:
+    out_dir: Path
+    name: str
+    files: Mapping[str, Path]
+    model_sha256: str
+    flash_bytes: int
+    arena: ArenaEstimate
+    ops: Tuple[str, ...]
+    manifest: Mapping = field(repr=False, default_factory=dict)
+
+
+def _io(info: FlatbufferInfo, idx: int) -> dict:
+    t = info.tensors[idx]
+    return {"name": t.name, "shape": list(t.shape), "dtype": t.type.lower(),
+            "scale": t.scales[0] if len(t.scales) == 1 else (list(t.scales) or None),
+            "zero_point": t.zero_points[0] if len(t.zero_points) == 1 else (list(t.zero_points) or None),
+            "bytes": t.activation_bytes}
+
+
+def check_integer_model(info: FlatbufferInfo, source: str) -> None:
+    floats = []
+    for op in info.kernel_ops():
+        w = info.weight_of(op)
+        x = info.tensors[op.inputs[0]]
+        if (w is not None and w.type not in _INTEGER_WEIGHTS) or x.type == "FLOAT32":
+            floats.append(f"{op.op}#{op.index}")
+    if floats:
+        raise ConversionError(f"{source} is not a full-integer model (float kernels: {', '.join(floats)}); "
+                              "the MCU bundle needs an int8 .tflite: export tflite-int8")
+
+
+def write_mcu_bundle(tflite_path, out_dir, name: str = "model", source_format: str = "tflite-int8") -> McuBundle:
+    """Write the microcontroller bundle for the integer ``.tflite`` at ``tflite_path`` into ``out_dir``."""
+    tflite_path = Path(tflite_path)
+    if not tflite_path.is_file():
+        raise ConfigError(f"MCU bundle source {tflite_path} does not exist; export tflite-int8 first")
+    data = tflite_path.read_bytes()
+    info = read_flatbuffer(data)
+    check_integer_model(info, f"{tflite_path.name} ({source_format})")
+    ops = micro_ops(info)
+    ident = c_identifier(name)
+    digest = sha256_bytes(data)
+    note = f"Source: {tflite_path.name} ({source_format}), {len(data)} bytes, sha256 {digest}"
+    header, source = cc_arrays(ident, data, "model_data.h", note)
+    resolver = op_resolver_header(ident, ops, note)
+    arena = estimate_arena(info)
+    out_dir = Path(out_dir)
+    files = {"model_data.h": header.encode(), "model_data.cc": source.encode(), "op_resolver.h": resolver.encode()}
+    camel = "".join(p.capitalize() for p in ident.split("_"))
+    manifest = {
+        "name": ident,
+        "source": {"file": tflite_path.name, "format": source_format, "bytes": len(data), "sha256": digest},
+        "arrays": {"data": f"g_{ident}_model_data", "length": f"g_{ident}_model_data_len", "alignment": ALIGNMENT},
+        "inputs": [_io(info, i) for i in info.inputs],
+        "outputs": [_io(info, i) for i in info.outputs],
+        "ops": [op for op, _ in ops],
+        "op_resolver": {"type": f"tflite::MicroMutableOpResolver<{len(ops)}>", "alias": f"{camel}OpResolver",
+                        "register": f"Register{camel}Ops", "methods": [m for _, m in ops]},
+        "sizes": {"flash_bytes": len(data), "arena": arena.to_dict()},
+        "files": {fname: {"bytes": len(content), "sha256": sha256_bytes(content)} for fname, content in files.items()},
+    }
+    files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+    paths = {fname: write_bytes_atomic(out_dir / fname, content) for fname, content in files.items()}
+    return McuBundle(out_dir, ident, paths, digest, len(data), arena, tuple(op for op, _ in ops), manifest)

@@ -1,0 +1,224 @@
+"""TFLite backend: every ``tflite-*`` format, written atomically, described from the written bytes.
+
+Variants (``tf.lite.TFLiteConverter``):
+
+==========  ==================================================================================
+fp32        no optimization
+fp16        float16 weights (``supported_types=[tf.float16]``)
+dynamic     dynamic-range: int8 weights, float activations computed on the fly
+int8        full integer, representative dataset from real calibration samples; int8 I/O by
+            default, float I/O on request
+int16x8     int16 activations, int8 weights (``EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_
+            WEIGHTS_INT8``)
+sparse      full integer int8 plus ``Optimize.EXPERIMENTAL_SPARSITY``: kernels of unstructured-
+            pruned models stored sparse (DENSIFY ops in front of the kernels)
+mixed       per-layer widths from a ``BitPlan`` (see :mod:`toolchain.export.tflite_mixed`)
+==========  ==================================================================================
+
+Conversion is deterministic (same model and samples give the same bytes; tested).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Iterator, Mapping, Optional
+
+import numpy as np
+
+from toolchain.errors import ConfigError, ConversionError
+from toolchain.export.artifact import Artifact, make_artifact, write_bytes_atomic
+from toolchain.export.flatbuffer import describe, read_flatbuffer
+
+VARIANTS = ("fp32", "fp16", "dynamic", "int8", "int16x8", "sparse", "mixed")
+#: variants that need calibration samples
+CALIBRATED = ("int8", "int16x8", "sparse", "mixed")
+#: I/O choices: None = the format's natural I/O (integer where the format allows it)
+IO_CHOICES = (None, "int8", "float")
+
+
+def representative_dataset(calib_x: np.ndarray) -> Callable[[], Iterator[list]]:
+    """One sample per step, in order (calibration is a prefix of the train split)."""
+    x = np.asarray(calib_x, dtype=np.float32)
+
+    def gen():
+        for i in range(len(x)):
+            yield [x[i:i + 1]]
+
+    return gen
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+    """The converter logs every pass at WARNING through absl; keep the CLI readable."""
+    logger = logging.getLogger("tensorflow")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def check_io(io: Optional[str]) -> None:
+    if io not in IO_CHOICES:
+        raise ConfigError(f"io {io!r} is not one of int8, float (or None for the format's default); "
+                          "pass io='int8' or io='float'")
+
+
+def converter_for(model, variant: str, calib_x: Optional[np.ndarray] = None, io: Optional[str] = None):
+    """A configured ``TFLiteConverter`` for ``variant`` (all but ``mixed``)."""
+    import tensorflow as tf
+
+    check_io(io)
+    if variant not in VARIANTS or variant == "mixed":
+        raise ConfigError(f"TFLite variant {variant!r} is not one of {', '.join(v for v in VARIANTS if v != 'mixed')}")
+    if variant in CALIBRATED and (calib_x is None or len(calib_x) == 0):
+        raise ConfigError(f"tflite-{variant} needs calibration samples; pass a dataset with a train split")
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if variant == "fp32":
+        return conv
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "fp16":
+        conv.target_spec.supported_types = [tf.float16]
+    elif variant in ("int8", "sparse"):
+        conv.representative_dataset = representative_dataset(calib_x)
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io != "float":
+            conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
+        if variant == "sparse":
+            conv.optimizations = [tf.lite.Optimize.DEFAULT, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    elif variant == "int16x8":
+        conv.representative_dataset = representative_dataset(calib_x)
+        conv.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        if io == "int8":
+            raise ConfigError("tflite-int16x8 has int16 I/O or float I/O, not int8; pass io='float' or leave it unset")
+        if io is None:
+            conv.inference_input_type = tf.int16
+            conv.inference_output_type = tf.int16
+    return conv
+
+
+def convert(model, variant: str, calib_x: Optional[np.ndarray] = None, io: Optional[str] = None) -> bytes:
+    """``.tflite`` bytes of ``model`` in ``variant`` (all but ``mixed``)."""
+    conv = converter_for(model, variant, calib_x, io)
+    try:
+        with _quiet_converter():
+            return bytes(conv.convert())
+    except Exception as e:  # noqa: BLE001 - the converter raises many unrelated types
+        msg = str(e).strip().splitlines()
+        raise ConversionError(f"TFLite converter failed for tflite-{variant}: "
+                              f"{msg[-1] if msg else type(e).__name__}; run with --debug for the trace") from e
+
+
+def kernel_layer_names(model) -> dict:
+    """Names a kernel layer may carry inside tensor names -> (the user's layer name, class)."""
+    names = {}
+    for layer in model.layers:
+        cls = type(layer).__name__
+        if cls in ("Conv2D", "DepthwiseConv2D", "Dense", "Conv2DTranspose"):
+            names[layer.name] = (layer.name, cls)
+            names["quant_" + layer.name] = (layer.name, cls)
+    return names
+
+
+def write_tflite(data: bytes, out_path, fmt: str, metadata: Mapping | None = None,
+                 kernel_layers: Mapping[str, tuple] | None = None) -> Artifact:
+    """Write ``data`` atomically and return its :class:`Artifact` with metadata read back."""
+    info = read_flatbuffer(data)
+    meta = describe(info, kernel_layers or {})
+    meta.update(dict(metadata or {}))
+    meta["runtime"] = "tflite"
+    path = write_bytes_atomic(out_path, data)
+    return make_artifact(fmt, path, meta)
+
+
+def export_tflite(model, variant: str, out_path, calib_x: Optional[np.ndarray] = None,
+                  io: Optional[str] = None, plan=None) -> Artifact:
+    """Convert ``model`` to ``tflite-<variant>`` at ``out_path``.
+
+    ``calib_x``: real calibration samples (float32, NHWC) for the calibrated variants.
+    ``plan``: the :class:`~toolchain.quantize.bitplan.BitPlan` for ``mixed``.
+    """
+    fmt = f"tflite-{variant}"
+    if variant == "mixed":
+        from toolchain.export.tflite_mixed import convert_mixed
+
+        if plan is None:
+            raise ConfigError("tflite-mixed needs a bit plan; pass bitplan= (CLI: --bitplan bitplan.json)")
+        data, meta, names = convert_mixed(model, plan, calib_x, io)
+        return write_tflite(data, out_path, fmt, meta, names)
+    data = convert(model, variant, calib_x, io)
+    meta = {"variant": variant, "calibration_samples": int(len(calib_x)) if variant in CALIBRATED else 0,
+            "io_requested": io}
+    return write_tflite(data, out_path, fmt, meta, kernel_layer_names(model))
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime
+
+
+class TfliteRunner:
+    """Runs a ``.tflite`` in ``tf.lite.Interpreter`` on float inputs and returns float outputs
+    (integer I/O is quantized/dequantized with the file's own scale and zero point)."""
+
+    def __init__(self, path_or_bytes, batch_size: int = 64, num_threads: int = 1):
+        import tensorflow as tf
+
+        kw = {"model_content": path_or_bytes} if isinstance(path_or_bytes, (bytes, bytearray)) \
+            else {"model_path": str(path_or_bytes)}
+        self._interp = tf.lite.Interpreter(num_threads=num_threads, **kw)
+        self._in = self._interp.get_input_details()[0]
+        self._out = self._interp.get_output_details()[0]
+        self.batch_size = batch_size
+        self._batch = None
+
+    @property
+    def input_details(self):
+        return self._in
+
+    @property
+    def output_details(self):
+        return self._out
+
+    def _resize(self, n: int) -> None:
+        if self._batch == n:
+            return
+        shape = list(self._in["shape"])
+        shape[0] = n
+        self._interp.resize_tensor_input(self._in["index"], shape, strict=False)
+        self._interp.allocate_tensors()
+        self._in = self._interp.get_input_details()[0]
+        self._out = self._interp.get_output_details()[0]
+        self._batch = n
+
+    def _quantize(self, x: np.ndarray) -> np.ndarray:
+        dt = np.dtype(self._in["dtype"])
+        if dt.kind == "f":
+            return x.astype(dt)
+        scale, zp = self._in["quantization"]
+        info = np.iinfo(dt)
+        return np.clip(np.round(x / scale) + zp, info.min, info.max).astype(dt)
+
+    def _dequantize(self, y: np.ndarray) -> np.ndarray:
+        if np.dtype(self._out["dtype"]).kind == "f":
+            return y.astype(np.float32)
+        scale, zp = self._out["quantization"]
+        return ((y.astype(np.float32) - zp) * scale).astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        outs = []
+        for start in range(0, len(x), self.batch_size):
+            chunk = x[start:start + self.batch_size]
+            self._resize(len(chunk))
+            self._interp.set_tensor(self._in["index"], self._quantize(chunk))
+            self._interp.invoke()
+            outs.append(self._dequantize(self._interp.get_tensor(self._out["index"])).copy())
+        return np.concatenate(outs, axis=0)
+
+
+def run_tflite(path_or_bytes, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Float outputs of a ``.tflite`` on float inputs ``x`` (integer I/O handled)."""
+    return TfliteRunner(path_or_bytes, batch_size=batch_size)(x)
