@@ -76,23 +76,60 @@ def _predict_artifact(artifact, x: np.ndarray) -> np.ndarray:
     return np.asarray(runtime_for(artifact)(x))
 
 
+def _calibration_accuracy(model, x, y) -> float:
+    return float((np.argmax(model.predict(x, batch_size=256, verbose=0), axis=-1) == y).mean())
+
+
 def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
+    """Prune as the recipe says. ``mode: auto`` tries ``auto_sparsities`` from the largest down and
+    keeps the first whose calibration-split accuracy (before fine-tuning) is within
+    ``auto_max_drop`` of the original's; the evaluation split is never used to choose."""
     from toolchain import stagecache
     from toolchain.prune import prune
 
     p = recipe["prune"]
-    settings = {k: p[k] for k in ("criterion", "granularity", "mode", "sparsity", "fine_tune_epochs")}
+    settings = {k: p[k] for k in ("criterion", "granularity", "mode", "sparsity", "fine_tune_epochs",
+                                  "auto_sparsities", "auto_max_drop")}
     entry = stagecache.key("prune", m_hash, d_hash, settings, recipe["relevance"])
     hit = stagecache.get(entry)
     if hit is not None and hit[0] is not None:
         return hit[0], hit[1], True
-    result = prune(model, dataset, criterion=p["criterion"], granularity=p["granularity"],
-                   rule="nonpositive" if p["mode"] == "nonpositive" else None,
-                   sparsity=None if p["mode"] == "nonpositive" else float(p["sparsity"]),
-                   relevance=rmap if p["criterion"] == "relevance" else None,
-                   lrp_rule=recipe["relevance"]["rule"], class_selection=recipe["relevance"]["classes"],
-                   samples=recipe["relevance"]["samples"], fine_tune_epochs=p["fine_tune_epochs"], quiet=quiet)
+
+    def run(sparsity, epochs):
+        return prune(model, dataset, criterion=p["criterion"], granularity=p["granularity"],
+                     rule="nonpositive" if p["mode"] == "nonpositive" else None,
+                     sparsity=None if p["mode"] == "nonpositive" else float(sparsity),
+                     relevance=rmap if p["criterion"] == "relevance" else None,
+                     lrp_rule=recipe["relevance"]["rule"], class_selection=recipe["relevance"]["classes"],
+                     samples=recipe["relevance"]["samples"], fine_tune_epochs=epochs, quiet=quiet)
+
+    auto = None
+    if p["mode"] == "auto":
+        x_cal, y_cal = dataset.calibration(min(recipe["relevance"]["samples"], len(dataset.x_train)))
+        reference = _calibration_accuracy(model, x_cal, y_cal)
+        tried, chosen = [], None
+        for s in sorted(p["auto_sparsities"], reverse=True):
+            candidate = run(s, 0)
+            acc = _calibration_accuracy(candidate.model, x_cal, y_cal)
+            tried.append({"sparsity": s, "calibration_accuracy": acc})
+            if reference - acc <= p["auto_max_drop"]:
+                chosen = s
+                break
+        auto = {"reference_calibration_accuracy": reference, "tried": tried, "chosen": chosen,
+                "max_drop": p["auto_max_drop"]}
+        if chosen is None:
+            summary = {"criterion": p["criterion"], "granularity": p["granularity"], "rule": "auto: none",
+                       "skipped": True, "auto": auto, "params_before": model.count_params(),
+                       "params_after": model.count_params(), "layer_sparsity": {}, "removed_channels": {},
+                       "accuracy_before": None, "accuracy_after": None}
+            stagecache.put(entry, summary, model)
+            return model, summary, False
+        result = run(chosen, p["fine_tune_epochs"]) if p["fine_tune_epochs"] else candidate
+    else:
+        result = run(p["sparsity"], p["fine_tune_epochs"])
     summary = result.summary()
+    if auto is not None:
+        summary["auto"] = auto
     stagecache.put(entry, summary, result.model)
     return result.model, summary, False
 
@@ -180,8 +217,9 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
         compressed = model
         if recipe["prune"]["enabled"]:
             p = recipe["prune"]
-            progress.stage("prune", f"{p['criterion']} / {p['granularity']} / "
-                           + ("nonpositive" if p["mode"] == "nonpositive" else f"sparsity {p['sparsity']}"))
+            how = {"nonpositive": "nonpositive (the paper's rule)", "sparsity": f"sparsity {p['sparsity']}",
+                   "auto": f"auto (largest of {p['auto_sparsities']} within {p['auto_max_drop']:.0%} on calibration)"}
+            progress.stage("prune", f"{p['criterion']} / {p['granularity']} / {how[p['mode']]}")
             compressed, prune_summary, cached = _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet)
             if cached:
                 summary["cached_stages"].append("prune")
@@ -189,7 +227,8 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
             from toolchain.model_io import save_model
 
             save_model(compressed, stage / "model_pruned.keras")
-            _plot_sparsity(prune_summary, stage / "prune_sparsity.png")
+            if prune_summary.get("layer_sparsity"):
+                _plot_sparsity(prune_summary, stage / "prune_sparsity.png")
 
         # 3. mixed-precision bit plan, simulated
         plan = None

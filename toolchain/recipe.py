@@ -18,9 +18,10 @@ from toolchain.errors import ConfigError
 # value is explained in EXAMPLE below.
 DEFAULT_RECIPE: Dict[str, Any] = {
     "relevance": {"rule": "lrp.epsilon", "samples": 500, "classes": "true"},
-    "prune": {"enabled": True, "criterion": "relevance", "granularity": "filter", "mode": "sparsity",
-              "sparsity": 0.25, "fine_tune_epochs": 0},
-    "quantize": {"enabled": True, "allocator": "relevance", "bits": [4, 8], "budget": "avg-bits=6",
+    "prune": {"enabled": True, "criterion": "relevance", "granularity": "filter", "mode": "auto",
+              "sparsity": 0.25, "auto_sparsities": [0.5, 0.4, 0.3, 0.2, 0.1], "auto_max_drop": 0.01,
+              "fine_tune_epochs": 0},
+    "quantize": {"enabled": True, "allocator": "relevance", "bits": [2, 3, 4, 5, 6, 8], "budget": "avg-bits=4",
                  "granularity": "layer", "group_size": 8, "qat_epochs": 0},
     "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed", "onnx-fp32", "onnx-int8", "mcu"]},
     "verify": {"min_agreement": 0.9, "max_accuracy_drop": 0.05},
@@ -37,14 +38,18 @@ prune:
   enabled: true
   criterion: relevance     # relevance | magnitude | random
   granularity: filter      # filter (rebuilds a narrower model) | weight (exact zeros)
-  mode: sparsity           # sparsity (remove the least relevant fraction) | nonpositive (paper's rule)
+  mode: auto               # auto | sparsity (remove the least relevant fraction) | nonpositive (paper's rule)
   sparsity: 0.25           # in [0, 1); used when mode is sparsity
+  # auto: the largest of these sparsities whose accuracy on the CALIBRATION split (never the
+  # evaluation split) drops by at most auto_max_drop before fine-tuning; none qualifies -> no pruning
+  auto_sparsities: [0.5, 0.4, 0.3, 0.2, 0.1]
+  auto_max_drop: 0.01
   fine_tune_epochs: 0      # needs training data (not available for kws01)
 quantize:
   enabled: true
   allocator: relevance     # relevance | uniform | sensitivity
-  bits: [4, 8]             # candidate weight widths
-  budget: avg-bits=6       # avg-bits=B | size-kb=K | total-bits=N
+  bits: [2, 3, 4, 5, 6, 8]  # candidate weight widths (TFLite stores <= 4 as INT4, 5-8 as INT8)
+  budget: avg-bits=4       # avg-bits=B | size-kb=K | total-bits=N
   granularity: layer       # layer | group (of output channels)
   group_size: 8
   qat_epochs: 0
@@ -93,7 +98,9 @@ def _budget_ok(v: str) -> bool:
 SCHEMA: Dict[str, Dict[str, Check]] = {
     "relevance": {"rule": Check(str), "samples": _int_range(1), "classes": _choice("true", "predicted", "all")},
     "prune": {"enabled": Check(bool), "criterion": _choice("relevance", "magnitude", "random"),
-              "granularity": _choice("weight", "filter"), "mode": _choice("sparsity", "nonpositive"),
+              "granularity": _choice("weight", "filter"), "mode": _choice("auto", "sparsity", "nonpositive"),
+              "auto_sparsities": _list_of((int, float), lambda v: 0 < v < 1, "a non-empty list of numbers in (0, 1)"),
+              "auto_max_drop": Check((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
               "sparsity": Check((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
               "fine_tune_epochs": _int_range(0)},
     "quantize": {"enabled": Check(bool), "allocator": _choice("relevance", "uniform", "sensitivity"),

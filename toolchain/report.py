@@ -73,8 +73,16 @@ def sections(summary: Mapping) -> List[dict]:
         acc_b, acc_a = pr.get("accuracy_before"), pr.get("accuracy_after")
         acc = (f" Accuracy {acc_b:.2%} → {acc_a:.2%} on the evaluation split."
                if acc_b is not None and acc_a is not None else "")
+        auto = pr.get("auto")
+        auto_text = ""
+        if auto:
+            tried = ", ".join(f"{t['sparsity']:.0%}: {t['calibration_accuracy']:.1%}" for t in auto["tried"])
+            auto_text = (f" Auto mode (calibration accuracy of the original {auto['reference_calibration_accuracy']:.1%}, "
+                         f"allowed drop {auto['max_drop']:.0%}; tried {tried}): "
+                         + (f"chose {auto['chosen']:.0%}." if auto["chosen"] is not None else "no sparsity qualified, "
+                            "so nothing was pruned."))
         out.append({"title": "Pruning", "text": f"{pr['criterion']} criterion, {pr['granularity']} granularity, "
-                    f"{pr['rule']}: parameters {pr['params_before']:,} → {pr['params_after']:,}.{acc}",
+                    f"{pr['rule']}: parameters {pr['params_before']:,} → {pr['params_after']:,}.{acc}{auto_text}",
                     "headers": ["layer", "sparsity", "removed channels"], "rows": rows,
                     "plots": ["prune_sparsity.png"]})
     qu = summary.get("quantize")

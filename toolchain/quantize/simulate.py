@@ -1,0 +1,510 @@
+"""Simulate a ``BitPlan`` in Keras with tensorflow-model-optimization (tfmot 0.8.0).
+
+``build_qat_model(model, plan, x_calibration)`` returns the quantize-applied Keras model the export
+stage converts to TFLite: BatchNormalization folded, every layer annotated, each planned kernel
+fake-quantised at its planned width, activations at their planned width, ranges calibrated.
+
+Choices, and why:
+
+* **BatchNormalization is folded first** (``toolchain.canonicalize``; the canonical "c_" names are
+  mapped back to the user's names). The plan's widths then apply to the folded kernel, which is
+  the kernel TFLite stores, and the relevance of a folded layer lines up with it one to one.
+  tfmot's own BN handling quantises the unfolded kernel and refolds at conversion.
+* **Per-layer widths on Conv2D / Dense** use tfmot's ``LastValueQuantizer(num_bits=b,
+  per_axis=True, symmetric=True, narrow_range=True)``, which the TFLite converter turns into
+  per-channel int8 / int4 weights. Dense is quantised per tensor (``per_axis=False``, as tfmot's
+  default does): TF 2.14's converter rejects a per-channel FakeQuant on a Dense kernel.
+* **Per-group widths, DepthwiseConv2D and pruned (all-zero) channels** use
+  ``ChannelBitsQuantizer``: channel c is fake-quantised with its own ``2**(b_c-1) - 1`` levels
+  (straight-through gradient), then passed through one per-channel ``FakeQuant`` at the layer's
+  widest width B whose per-channel range is chosen so that the b_c-bit grid lies exactly on the
+  B-bit grid (scale s_c / floor(L_B / L_c)). The FakeQuant is the identity on those values but
+  tells the converter the kernel is B-bit per-channel; the stored integers use only 2**b_c
+  levels. DepthwiseConv2D needs it because tfmot's per-axis quantizer reduces over the depth
+  multiplier axis (size 1), i.e. quantises a depthwise kernel per tensor; a zero channel needs it
+  because FakeQuant with min = max = 0 is undefined.
+* **Activations**: tfmot's default placement (``MovingAverageQuantizer``, 8-bit asymmetric),
+  with the planned width where the plan says 16 (32 = left in float).
+* **tfmot 0.8.0 drops custom weight quantizers** of a Conv2D / DepthwiseConv2D / Dense directly
+  followed by a ReLU: its ``LayerReLUQuantize`` / ``LayerReluActivationQuantize`` layout transforms
+  replace the layer's QuantizeConfig with a no-op (``quantize_model`` on a Conv -> ReLU model
+  leaves the conv weights in float). ``_PlanLayoutTransform`` restores the planned weight
+  quantizer there, keeping the output un-quantised as the transform intends.
+* **Ranges are calibrated explicitly** (``calibrate``): weight ranges from the kernels, activation
+  ranges as min / max of the float model's activations on the calibration samples (as TFLite's
+  post-training calibrator does). A freshly quantize-applied model still holds tfmot's initial
+  [-6, 6] ranges, and the moving average (decay 0.999) would take thousands of steps to move.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+    default_8bit_quantize_configs,
+    default_8bit_quantize_layout_transform,
+    default_8bit_quantize_scheme,
+)
+
+from toolchain.errors import ConfigError, UnsupportedLayerError
+from toolchain.quantize.bitplan import BitPlan, LayerBits
+from toolchain.quantize.kernels import FLOAT_BITS, KERNEL_ATTRS
+
+Q = tfmot.quantization.keras
+MAX_FAKE_QUANT_BITS = 16  # tf.quantization.fake_quant_* accepts 2..16
+#: activation functions quantised after they are applied (tfmot's QuantizeAwareActivation)
+_RELU_LIKE = ("relu", "relu6")
+
+
+def _levels(bits) -> np.ndarray:
+    return 2.0 ** (np.asarray(bits, dtype=np.float64) - 1) - 1
+
+
+class ChannelBitsQuantizer(Q.quantizers.Quantizer):
+    """Symmetric fake quantisation with one width per output channel, ``channel_bits[c]``.
+
+    Channels are the kernel's last axis; a DepthwiseConv2D kernel (kh, kw, cin, mult) is viewed as
+    (1, kh, kw, cin*mult), Keras' output-channel order and TFLite's filter layout. Channel c's step is ``max|w_c| / L_c``,
+    ``L_c = 2**(b_c-1) - 1`` (``per_tensor``: all channels share max|W|, see
+    ``toolchain.quantize.kernels.channel_scales``); ``q = clip(floor(w / step + 1/2), -L_c, L_c) *
+    step``; gradients pass straight through. In training the range is the last value of max|w|
+    (as ``LastValueQuantizer``); in inference the stored range is used. A channel at 32 bits stays
+    float, and then the layer carries no FakeQuant (the converter keeps it in float). See the
+    module docstring for the final FakeQuant that makes the kernel convertible.
+    """
+
+    def __init__(self, channel_bits: Sequence[int], per_tensor: bool = False, depthwise: bool = False):
+        self.channel_bits = [int(b) for b in channel_bits]
+        self.per_tensor = bool(per_tensor)
+        self.depthwise = bool(depthwise)
+        bad = [b for b in set(self.channel_bits) if not (2 <= b <= MAX_FAKE_QUANT_BITS or b == FLOAT_BITS)]
+        if not self.channel_bits or bad:
+            raise ConfigError(f"channel widths {sorted(bad)} cannot be simulated; use 2..16 bits or 32 (float)")
+        bits = np.asarray(self.channel_bits)
+        self._float = bits >= FLOAT_BITS
+        quant_bits = np.where(self._float, 8, bits)
+        self._outer_bits = int(bits[~self._float].max()) if (~self._float).any() else FLOAT_BITS
+        self._levels = _levels(quant_bits)                              # L_c
+        outer = _levels(min(self._outer_bits, MAX_FAKE_QUANT_BITS))       # L_B
+        self._ratio = np.floor(outer / self._levels)                    # r_c: B-bit steps per channel step
+        # stored range / max|w|: the B-bit grid (step range / L_B) must hold every channel's grid
+        if self.per_tensor:
+            self._gain = np.float64(outer / (self._levels * self._ratio)[~self._float].min()) \
+                if (~self._float).any() else np.float64(1.0)
+        else:
+            self._gain = outer / (self._levels * self._ratio)
+        self._outer_levels = outer
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_bits)
+
+    def build(self, tensor_shape, name, layer):
+        shape = () if self.per_tensor else (self.num_channels,)
+        min_var = layer.add_weight(name + "_min", shape=shape, initializer=tf.keras.initializers.Constant(-6.0),
+                                   trainable=False)
+        max_var = layer.add_weight(name + "_max", shape=shape, initializer=tf.keras.initializers.Constant(6.0),
+                                   trainable=False)
+        return {"min_var": min_var, "max_var": max_var}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        x = inputs
+        if self.depthwise:
+            # (kh, kw, cin, mult) -> (1, kh, kw, cin*mult): TFLite's depthwise filter layout, so the
+            # converter reads the per-channel FakeQuant on its quantized dimension 3
+            shape = tf.shape(inputs)
+            x = tf.reshape(inputs, [1, shape[0], shape[1], self.num_channels])
+        axes = list(range(len(x.shape) - 1))
+        gain = tf.constant(self._gain, dtype=x.dtype)
+        if training:
+            amax = tf.reduce_max(tf.abs(x)) if self.per_tensor else tf.reduce_max(tf.abs(x), axis=axes)
+            outer_max = amax * gain
+            weights["max_var"].assign(outer_max)
+            weights["min_var"].assign(-outer_max)
+        else:
+            outer_max = weights["max_var"]
+        step = tf.constant(self._ratio / self._outer_levels, dtype=x.dtype) * outer_max   # r_c * range / L_B
+        safe = tf.where(step > 0, step, tf.ones_like(step))
+        top = tf.constant(self._levels, dtype=x.dtype)
+        q = tf.clip_by_value(tf.floor(x / safe + 0.5), -top, top) * step
+        if self._float.any():
+            q = tf.where(tf.constant(self._float), x, q)
+        y = x + tf.stop_gradient(q - x)  # straight-through estimator
+        if not self._float.any():
+            bound = tf.maximum(outer_max, 1e-30)  # FakeQuant needs min < max, even for a zero channel
+            if self.per_tensor:
+                y = tf.quantization.fake_quant_with_min_max_vars(
+                    y, -bound, bound, num_bits=self._outer_bits, narrow_range=True)
+            else:
+                y = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                    y, -bound, bound, num_bits=self._outer_bits, narrow_range=True)
+        return tf.reshape(y, tf.shape(inputs)) if self.depthwise else y
+
+    def get_config(self):
+        return {"channel_bits": list(self.channel_bits), "per_tensor": self.per_tensor, "depthwise": self.depthwise}
+
+    def __eq__(self, other):
+        return (isinstance(other, ChannelBitsQuantizer) and self.channel_bits == other.channel_bits
+                and self.per_tensor == other.per_tensor and self.depthwise == other.depthwise)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+
+def _activation_quantizer(bits: int):
+    return Q.quantizers.MovingAverageQuantizer(num_bits=int(bits), per_axis=False, symmetric=False,
+                                               narrow_range=False)
+
+
+_QUANTIZERS = {"LastValueQuantizer": Q.quantizers.LastValueQuantizer, "ChannelBitsQuantizer": ChannelBitsQuantizer}
+
+
+class PlanQuantizeConfig(Q.QuantizeConfig):
+    """QuantizeConfig of one planned kernel layer: its weight quantizer and activation width."""
+
+    def __init__(self, weight_attr: str, weight_quantizer=None, activation_bits: int = 8,
+                 quantize_activation: bool = True):
+        self.weight_attr = weight_attr
+        if isinstance(weight_quantizer, dict):  # from get_config
+            weight_quantizer = _QUANTIZERS[weight_quantizer["class_name"]](**weight_quantizer["config"])
+        self.weight_quantizer = weight_quantizer
+        self.activation_bits = int(activation_bits)
+        self.quantize_activation = bool(quantize_activation)
+
+    def _quantizes_activation(self) -> bool:
+        return self.quantize_activation and self.activation_bits < FLOAT_BITS
+
+    def get_weights_and_quantizers(self, layer):
+        if self.weight_quantizer is None:
+            return []
+        return [(getattr(layer, self.weight_attr), self.weight_quantizer)]
+
+    def get_activations_and_quantizers(self, layer):
+        if not self._quantizes_activation():
+            return []
+        return [(layer.activation, _activation_quantizer(self.activation_bits))]
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        if self.weight_quantizer is not None:
+            setattr(layer, self.weight_attr, quantize_weights[0])
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        if self._quantizes_activation():
+            layer.activation = quantize_activations[0]
+
+    def get_output_quantizers(self, layer):
+        return []
+
+    def without_activation(self) -> "PlanQuantizeConfig":
+        return PlanQuantizeConfig(self.weight_attr, self.weight_quantizer, self.activation_bits, False)
+
+    def get_config(self):
+        wq = None
+        if self.weight_quantizer is not None:
+            wq = {"class_name": type(self.weight_quantizer).__name__, "config": self.weight_quantizer.get_config()}
+        return {"weight_attr": self.weight_attr, "weight_quantizer": wq,
+                "activation_bits": self.activation_bits, "quantize_activation": self.quantize_activation}
+
+
+class PlanOutputQuantizeConfig(Q.QuantizeConfig):
+    """Output quantisation at a planned width for the ReLU / Activation after a planned kernel."""
+
+    def __init__(self, bits: int = 8):
+        self.bits = int(bits)
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [] if self.bits >= FLOAT_BITS else [_activation_quantizer(self.bits)]
+
+    def get_config(self):
+        return {"bits": self.bits}
+
+
+#: what ``quantize_scope`` must know to load a simulated model back
+CUSTOM_OBJECTS = {
+    "ChannelBitsQuantizer": ChannelBitsQuantizer,
+    "PlanQuantizeConfig": PlanQuantizeConfig,
+    "PlanOutputQuantizeConfig": PlanOutputQuantizeConfig,
+}
+
+
+def quantize_scope():
+    """``tfmot.quantization.keras.quantize_scope`` with this stage's quantizers and configs."""
+    return Q.quantize_scope(CUSTOM_OBJECTS)
+
+
+class _PlanLayoutTransform(default_8bit_quantize_layout_transform.Default8BitQuantizeLayoutTransform):
+    """tfmot's default layout transforms, then the planned weight quantizers put back where a
+    ReLU transform replaced them with a no-op (see the module docstring)."""
+
+    def apply(self, model, layer_quantize_map):
+        planned = {name: entry["quantize_config"] for name, entry in layer_quantize_map.items()
+                   if isinstance(entry.get("quantize_config"), PlanQuantizeConfig)}
+        model, layer_quantize_map = super().apply(model, layer_quantize_map)
+        for name, config in planned.items():
+            now = layer_quantize_map.get(name, {}).get("quantize_config")
+            if isinstance(now, default_8bit_quantize_configs.NoOpQuantizeConfig):
+                layer_quantize_map[name]["quantize_config"] = config.without_activation()
+            elif now is None:
+                layer_quantize_map.setdefault(name, {})["quantize_config"] = config
+        return model, layer_quantize_map
+
+
+class _PlanScheme(default_8bit_quantize_scheme.Default8BitQuantizeScheme):
+    def get_layout_transformer(self):
+        return _PlanLayoutTransform()
+
+
+# ------------------------------------------------------------------------------------------
+# BatchNormalization folding with the user's layer names
+
+
+def fold_batchnorm(model) -> tf.keras.Model:
+    """An equivalent copy of ``model`` with BatchNormalization folded and Dropout dropped, whose
+    layers keep the user's names (``toolchain.canonicalize`` renames them ``c_<name>``)."""
+    from toolchain.canonicalize import CANONICAL_PREFIX, canonicalize
+
+    canonical = canonicalize(model, strip_softmax=False).model
+
+    def original(name: str) -> str:
+        return name[len(CANONICAL_PREFIX):] if name.startswith(CANONICAL_PREFIX) else name
+
+    config = canonical.get_config()
+    config["name"] = model.name
+    for layer in config["layers"]:
+        layer["name"] = original(layer["name"])
+        layer["config"]["name"] = original(layer["config"]["name"])
+        for node in layer["inbound_nodes"]:
+            for inbound in node:
+                inbound[0] = original(inbound[0])
+    for key in ("input_layers", "output_layers"):
+        entries = config[key]
+        if entries and isinstance(entries[0], str):  # a single [name, node, tensor]
+            entries[0] = original(entries[0])
+        else:
+            for entry in entries:
+                entry[0] = original(entry[0])
+    folded = tf.keras.Model.from_config(config)
+    for layer in folded.layers:
+        layer.set_weights(canonical.get_layer(CANONICAL_PREFIX + layer.name).get_weights())
+    return folded
+
+
+# ------------------------------------------------------------------------------------------
+# Applying a plan
+
+
+def weight_quantizer(layer_class: str, lb: LayerBits, kernel: np.ndarray):
+    """The tfmot weight quantizer for one planned kernel (None: the kernel stays float)."""
+    from toolchain.quantize.kernels import PER_TENSOR_LAYERS, channel_matrix
+
+    matrix = channel_matrix(layer_class, kernel)
+    channels = matrix.shape[1]
+    widths = lb.channel_bits() if lb.group_bits is not None else (lb.weight_bits,) * channels
+    if len(widths) != channels:
+        raise ConfigError(f"plan gives {len(widths)} channel widths but the kernel has {channels} output channels; "
+                          "regenerate the plan for this model")
+    if all(b >= FLOAT_BITS for b in widths):
+        return None
+    too_wide = sorted({b for b in widths if MAX_FAKE_QUANT_BITS < b < FLOAT_BITS})
+    if too_wide:
+        raise ConfigError(f"weight widths {too_wide} cannot be simulated (FakeQuant takes 2..16 bits); use <= 16 or 32")
+    per_tensor = layer_class in PER_TENSOR_LAYERS
+    amax = np.abs(matrix).max() if per_tensor else np.abs(matrix).max(axis=0)
+    uniform = len(set(widths)) == 1
+    if uniform and layer_class != "DepthwiseConv2D" and np.all(amax > 0):
+        return Q.quantizers.LastValueQuantizer(num_bits=int(widths[0]), per_axis=not per_tensor, symmetric=True,
+                                               narrow_range=True)
+    return ChannelBitsQuantizer(widths, per_tensor=per_tensor, depthwise=layer_class == "DepthwiseConv2D")
+
+
+def _consumers(model) -> Dict[str, List]:
+    out: Dict[str, List] = {}
+    for layer in model.layers:
+        for node in layer._inbound_nodes:
+            for inbound in tf.nest.flatten(node.inbound_layers):
+                out.setdefault(inbound.name, []).append(layer)
+    return out
+
+
+def apply_bitplan(folded: tf.keras.Model, plan: BitPlan) -> tf.keras.Model:
+    """``quantize_apply`` of ``plan`` on a BN-folded float model (ranges not yet calibrated)."""
+    plan.check_against(folded)
+    by_name = {l.name: l for l in folded.layers}
+    unplanned = [f"{l.name} ({type(l).__name__})" for l in folded.layers
+                 if type(l).__name__ in KERNEL_ATTRS and l.name not in plan.layers]
+    if unplanned:
+        raise ConfigError(f"bit plan has no widths for kernel layers {', '.join(unplanned)}; "
+                          "make the plan for this model (or add them to bitplan.json)")
+    configs: Dict[str, Q.QuantizeConfig] = {}
+    consumers = _consumers(folded)
+    for name, lb in plan.layers.items():
+        layer = by_name[name]
+        cls = type(layer).__name__
+        attr = KERNEL_ATTRS[cls]
+        configs[name] = PlanQuantizeConfig(attr, weight_quantizer(cls, lb, getattr(layer, attr).numpy()),
+                                           lb.activation_bits)
+        users = consumers.get(name, [])
+        if lb.activation_bits != 8 and len(users) == 1 and _relu_like(users[0]):
+            configs[users[0].name] = PlanOutputQuantizeConfig(lb.activation_bits)
+
+    def annotate(layer):
+        fresh = type(layer).from_config(layer.get_config())
+        if isinstance(layer, tf.keras.layers.InputLayer):
+            return fresh
+        return Q.quantize_annotate_layer(fresh, configs.get(layer.name))
+
+    with quantize_scope():
+        annotated = tf.keras.models.clone_model(folded, clone_function=annotate)
+        annotated.set_weights(folded.get_weights())
+        try:
+            return Q.quantize_apply(annotated, scheme=_PlanScheme())
+        except (RuntimeError, ValueError) as e:
+            raise UnsupportedLayerError(f"tfmot cannot quantise this model ({str(e).splitlines()[0]}); "
+                                        "replace the named layer with one tfmot supports") from None
+
+
+def _relu_like(layer) -> bool:
+    if isinstance(layer, tf.keras.layers.ReLU):
+        return True
+    act = getattr(layer, "activation", None)
+    return isinstance(layer, tf.keras.layers.Activation) and getattr(act, "__name__", "") in _RELU_LIKE
+
+
+# ------------------------------------------------------------------------------------------
+# Calibration
+
+
+def _float_ranges(folded: tf.keras.Model, x: np.ndarray, batch_size: int = 128) -> Dict[str, Tuple[float, float]]:
+    """min / max over ``x`` of every layer's output (``name``) and, for kernel layers with a
+    squashing activation, of its pre-activation (``name/pre``)."""
+    outputs, keys = [], []
+    for layer in folded.layers:
+        if isinstance(layer, tf.keras.layers.InputLayer):
+            continue
+        outputs.append(layer.output)
+        keys.append(layer.name)
+        act = getattr(getattr(layer, "activation", None), "__name__", "linear")
+        if type(layer).__name__ in KERNEL_ATTRS and act not in ("linear",) + _RELU_LIKE:
+            linear = type(layer).from_config(dict(layer.get_config(), activation="linear", name=layer.name + "_pre"))
+            pre = linear(layer.input)
+            linear.set_weights(layer.get_weights())
+            outputs.append(pre)
+            keys.append(layer.name + "/pre")
+    observer = tf.keras.Model(folded.inputs, outputs)
+    lo = {k: np.inf for k in keys}
+    hi = {k: -np.inf for k in keys}
+    lo["__input__"], hi["__input__"] = float(np.min(x)), float(np.max(x))
+    for start in range(0, len(x), batch_size):
+        values = observer(x[start:start + batch_size], training=False)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        for k, v in zip(keys, values):
+            v = v.numpy()
+            lo[k] = min(lo[k], float(v.min()))
+            hi[k] = max(hi[k], float(v.max()))
+    return {k: (min(lo[k], 0.0), max(hi[k], 0.0)) for k in lo}
+
+
+def calibrate(qmodel: tf.keras.Model, folded: tf.keras.Model, x: np.ndarray) -> Dict[str, Tuple[float, float]]:
+    """Set every range variable of ``qmodel``: weight ranges from the kernels (the quantizers'
+    own last-value rule), activation ranges from the float model's activations on ``x``."""
+    ranges = _float_ranges(folded, np.asarray(x, dtype=np.float32))
+    for layer in qmodel.layers:
+        if isinstance(layer, Q.QuantizeWrapperV2) or type(layer).__name__ == "QuantizeWrapper":
+            for weight, quantizer, qvars in layer._weight_vars:
+                quantizer(weight, True, qvars)
+            inner = layer.layer.name
+            for v in layer.non_trainable_weights:
+                short = v.name.split("/")[-1].split(":")[0]
+                for kind in ("pre_activation", "post_activation", "output"):
+                    if short in (f"{kind}_min", f"{kind}_max"):
+                        key = inner + "/pre" if kind == "pre_activation" else inner
+                        lo, hi = ranges[key]
+                        v.assign(np.full(v.shape, lo if short.endswith("_min") else hi, dtype=np.float32))
+        elif type(layer).__name__ == "QuantizeLayer":
+            lo, hi = ranges["__input__"]
+            for v in layer.non_trainable_weights:
+                short = v.name.split("/")[-1].split(":")[0]
+                if short.endswith("_min"):
+                    v.assign(np.full(v.shape, lo, dtype=np.float32))
+                elif short.endswith("_max"):
+                    v.assign(np.full(v.shape, hi, dtype=np.float32))
+    return ranges
+
+
+def build_qat_model(model: tf.keras.Model, plan: BitPlan, x_calibration: np.ndarray) -> tf.keras.Model:
+    """The quantize-applied, calibrated Keras model of ``plan`` (``model`` is not modified).
+
+    This is what the export stage converts: ``tf.lite.TFLiteConverter.from_keras_model(...)``.
+    Plan layer names are the user's names; the model's layers are ``quant_<name>``.
+    """
+    folded = fold_batchnorm(model)
+    qmodel = apply_bitplan(folded, plan)
+    calibrate(qmodel, folded, x_calibration)
+    return qmodel
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation, fine-tuning, saving
+
+
+def predict(model: tf.keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    outs = [model(np.asarray(x[i:i + batch_size], dtype=np.float32), training=False).numpy()
+            for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0)
+
+
+def accuracy(model: tf.keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy from the model's own predictions (no Keras metric bookkeeping)."""
+    return float(np.mean(np.argmax(predict(model, x), axis=-1) == np.asarray(y)))
+
+
+def fine_tune(qmodel: tf.keras.Model, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int = 64,
+              learning_rate: float = 1e-4, seed: int = 0, quiet: bool = False) -> Dict[str, List[float]]:
+    """Quantisation-aware fine-tuning in place (the QAT model is this stage's own object)."""
+    tf.keras.utils.set_random_seed(seed)
+    qmodel.compile(optimizer=tf.keras.optimizers.Adam(learning_rate),
+                   loss=tf.keras.losses.SparseCategoricalCrossentropy(),
+                   metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    hist = qmodel.fit(np.asarray(x, dtype=np.float32), np.asarray(y), epochs=epochs, batch_size=batch_size,
+                      shuffle=True, verbose=0 if quiet else 2)
+    return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+
+
+#: the simulated model's file name. HDF5, because a tfmot model saved as .keras does not load back
+#: in Keras 2.14 ("Layer 'quantize_layer' expected 5 variables, but received 3"); .h5 loads under
+#: quantize_scope with every range (tests/quantize/test_simulate.py::test_saved_model_round_trip)
+QAT_MODEL_FILE = "model_qat.h5"
+
+
+def save_qat_model(qmodel: tf.keras.Model, path) -> None:
+    from toolchain.model_io import save_model
+
+    with quantize_scope():
+        save_model(qmodel, path)
+
+
+def load_qat_model(path) -> tf.keras.Model:
+    """Load a simulated model written by ``save_qat_model`` (it holds this stage's custom objects,
+    so it loads only through here or under ``quantize_scope()``)."""
+    from toolchain.errors import ModelLoadError
+
+    with quantize_scope():
+        try:
+            return tf.keras.models.load_model(str(path), compile=False)
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelLoadError(f"cannot load the simulated model {path} ({str(e).splitlines()[0]}); "
+                                 "rerun `toolchain quantize` to write it again") from None
