@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean-venv
+.PHONY: demo test test-all bench bench-all clean-venv
 
 $(STAMP): requirements.txt setup.cfg
 	@command -v $(PYTHON) >/dev/null 2>&1 || { \
@@ -27,8 +27,18 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
+# the comparison suite (ours vs float32, uniform int8, magnitude pruning + int8, official int8)
 bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+# every benchmark; each writes benchmarks/results/ and README's results sections are regenerated
+bench-all: $(STAMP)
 	$(PY) benchmarks/relevance_speed.py
+	$(PY) benchmarks/pruning.py
+	$(PY) benchmarks/quantization.py
+	$(PY) benchmarks/export.py
+	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/update_readme.py
 
 clean-venv:
 	rm -rf $(VENV)

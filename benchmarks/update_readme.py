@@ -20,6 +20,8 @@ def render(name: str) -> str:
     lines = path.read_text().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
+    # the blocks sit under a level-3 heading: demote the file's own headings below it
+    lines = ["##" + line if line.startswith("#") else line for line in lines]
     return "\n".join(lines).strip() + "\n"
 
 

@@ -256,6 +256,9 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
             b = recipe["bench"]
             progress.stage("bench", f"target {b['target']}, {b['runs']} runs, threads {b['threads']}")
             _bench_rows(rows, data_spec, data_dir, b, stage / "bench", quiet)
+        for row in rows:  # paths in summary.json are relative to the build directory
+            if "path" in row:
+                row["path"] = str(Path(row["path"]).resolve().relative_to(stage.resolve()))
         summary["artifacts"] = rows
         if bundle.mcu is not None:
             summary["mcu"] = dict(bundle.mcu.manifest)

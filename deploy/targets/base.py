@@ -96,6 +96,14 @@ class Target(ABC):
         result["emulated"] = self.emulated
         return result
 
+    def record(self, where: str, done, request: RunRequest, config: RunConfig, results: List[dict],
+               on_result: Optional[Callable[[dict], None]]) -> None:
+        """Parse one finished runner process, label its JSON and hand it on."""
+        doc = parse_runner_output(where, done.returncode, done.stdout, done.stderr)
+        results.append(self.label(doc, request, config))
+        if on_result is not None:
+            on_result(results[-1])
+
 
 def stage_files(request: RunRequest, into: Path) -> Dict[str, str]:
     """Copy the runner, artifact and inputs into ``into`` under fixed names; return the names."""

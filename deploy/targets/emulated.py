@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from deploy import emulated
-from deploy.targets.base import RunConfig, RunRequest, Target, parse_runner_output, stage_files
+from deploy.targets.base import RunConfig, RunRequest, Target, stage_files
 from deploy.targets.local import run_process
 from toolchain.errors import ConfigError
 
@@ -76,10 +76,7 @@ class EmulatedPiTarget(Target):
                     request.runner_args(config, f"{inside}/{names['artifact']}", inputs)
                 done = run_process(emulated.emulated_argv(rootfs, self.board, argv),
                                    request.timeout_s, where, env=emulated.emulated_env(self.board))
-                doc = parse_runner_output(where, done.returncode, done.stdout, done.stderr)
-                results.append(self.label(doc, request, config))
-                if on_result is not None:
-                    on_result(results[-1])
+                self.record(where, done, request, config, results, on_result)
             return results
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -19,7 +19,6 @@ from deploy.targets.base import (
     RunConfig,
     RunRequest,
     Target,
-    parse_runner_output,
     stage_files,
     tail,
     temp_dir,
@@ -92,10 +91,7 @@ class LocalTarget(Target):
                 where = f"local ({config.label()})"
                 argv = entry + request.runner_args(config, artifact, inputs)
                 done = run_process(argv, request.timeout_s, where, cwd=str(work), env=env)
-                doc = parse_runner_output(where, done.returncode, done.stdout, done.stderr)
-                results.append(self.label(doc, request, config))
-                if on_result is not None:
-                    on_result(results[-1])
+                self.record(where, done, request, config, results, on_result)
             return results
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -28,7 +28,6 @@ from deploy.targets.base import (
     RunConfig,
     RunRequest,
     Target,
-    parse_runner_output,
     tail,
     which_or_none,
 )
@@ -230,10 +229,7 @@ class SSHTarget(Target):
                     raise TargetUnavailableError(
                         f"{where}: no result within {limit} s on the device (stopped); raise "
                         "--timeout or lower --runs")
-                doc = parse_runner_output(where, done.returncode, done.stdout, done.stderr)
-                results.append(self.label(doc, request, config))
-                if on_result is not None:
-                    on_result(results[-1])
+                self.record(where, done, request, config, results, on_result)
             return results
         finally:
             self._remove(remote_dir)
