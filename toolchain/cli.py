@@ -65,8 +65,15 @@ def _modules():
     return mods
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too: ``error: toolchain prune: argument --sparsity: ...``."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toolchain", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="toolchain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in _modules():
         p = mod.add_parser(sub)
@@ -77,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
     from toolchain.errors import ToolchainError
 
     try:
