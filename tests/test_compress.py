@@ -11,7 +11,7 @@ from toolchain.model_io import file_sha256
 
 FAST_RECIPE = """
 relevance: {samples: 200}
-prune: {sparsity: 0.2}
+prune: {mode: sparsity, sparsity: 0.2}
 quantize: {bits: [4, 8], budget: avg-bits=6}
 export: {formats: [tflite-fp32, tflite-int8, tflite-mixed, onnx-int8, mcu]}
 bench: {runs: 20}
@@ -85,3 +85,20 @@ def test_second_run_reuses_stage_outputs_and_failure_keeps_previous_build(build,
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert {"relevance", "prune", "quantize"} <= set(summary["cached_stages"])
+
+
+def test_auto_pruning_chooses_on_the_calibration_split(digits_model, tmp_path):
+    """Auto mode tries sparsities from the largest down and records the calibration accuracy of
+    each; with a zero tolerance and only large sparsities it must decline and prune nothing."""
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text("relevance: {samples: 200}\n"
+                      "prune: {mode: auto, auto_sparsities: [0.9, 0.8], auto_max_drop: 0.0}\n"
+                      "quantize: {enabled: false}\nexport: {formats: [tflite-fp32]}\nbench: {enabled: false}\n")
+    code = main(["compress", "--model", str(digits_model), "--data", "digits", "--recipe", str(recipe),
+                 "--out", str(tmp_path / "build"), "--quiet"])
+    assert code == 0
+    summary = json.loads((tmp_path / "build" / "summary.json").read_text())
+    auto = summary["prune"]["auto"]
+    assert [t["sparsity"] for t in auto["tried"]] == [0.9, 0.8]
+    assert all(t["calibration_accuracy"] < auto["reference_calibration_accuracy"] for t in auto["tried"])
+    assert auto["chosen"] is None and summary["prune"]["params_after"] == summary["prune"]["params_before"]
