@@ -247,15 +247,24 @@ def test_filter_monotone_and_nonpositive(trained, digits, rmap):
     high = _prune(trained, digits, rmap, granularity="filter", sparsity=0.6)
     for g in low.removed_channels:
         assert set(low.removed_channels[g]) <= set(high.removed_channels[g]), g
-    r = _prune(trained, digits, rmap, granularity="filter", rule="nonpositive")
-    # group score (source "tied"): producer relevance plus the tied depthwise layer's, per channel
-    conv1 = rmap.layers["conv1"].per_filter + rmap.layers["dw"].per_filter
-    expected = set(np.flatnonzero(conv1 <= 0).tolist())
-    if len(expected) == conv1.size:  # a group keeps its best channel
-        expected.discard(int(np.argmax(conv1)))
-    assert set(r.removed_channels["conv1"]) == expected
-    assert set(r.removed_channels["fc1"]) == set(np.flatnonzero(rmap.layers["fc1"].per_filter <= 0).tolist()) - (
-        {int(np.argmax(rmap.layers["fc1"].per_filter))} if np.all(rmap.layers["fc1"].per_filter <= 0) else set())
+    def expected(scores):
+        removed = set(np.flatnonzero(scores <= 0).tolist())
+        if len(removed) == scores.size:  # a group keeps its best channel
+            removed.discard(int(np.argmax(scores)))
+        return removed
+
+    w = {n: rmap.layers[n].weight for n in ("conv1", "dw", "pw", "fc1", "predictions")}
+    tied = _prune(trained, digits, rmap, granularity="filter", rule="nonpositive", source="tied")
+    # source "tied": the producer's per-filter relevance plus the tied depthwise layer's
+    assert set(tied.removed_channels["conv1"]) == expected(rmap.layers["conv1"].per_filter + rmap.layers["dw"].per_filter)
+    assert set(tied.removed_channels["fc1"]) == expected(rmap.layers["fc1"].per_filter)
+    consumer = _prune(trained, digits, rmap, granularity="filter", rule="nonpositive", source="consumer")
+    # source "consumer": relevance leaving each feature map through its consumers' input channels
+    assert set(consumer.removed_channels["conv1"]) == expected(w["pw"].sum(axis=(0, 1, 3)))
+    # pw -> pool -> flatten -> fc1: flat row i carries channel i % 12
+    assert set(consumer.removed_channels["pw"]) == expected(w["fc1"].sum(axis=1).reshape(-1, 12).sum(axis=0))
+    assert set(consumer.removed_channels["fc1"]) == expected(w["predictions"].sum(axis=1))
+    assert consumer.settings["score"] == "sum" and consumer.settings["source"] == "consumer"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,6 +349,8 @@ def test_prune_errors(trained, digits, rmap):
         (dict(sparsity=0.5, lrp_rule="lrp.z"), "disagrees with lrp_rule 'lrp.z'"),
         (dict(sparsity=0.5, class_selection="all"), "disagrees with class_selection 'all'"),
         (dict(sparsity=0.5, granularity="filter", source="input"), "source"),
+        (dict(rule="nonpositive", score="abs"), "signed relevance"),
+        (dict(sparsity=0.5, score="square"), "score"),
         (dict(sparsity=0.5, schedule="cubic"), "schedule"),
     ]
     for kwargs, match in cases:
@@ -360,7 +371,7 @@ def test_prune_errors(trained, digits, rmap):
 # CLI
 
 
-def test_cli_end_to_end(trained, tmp_path, cache_dir, capsys):
+def test_cli_end_to_end(trained, rmap, tmp_path, cache_dir, capsys):
     from toolchain.cli import main
     from toolchain.model_io import load_model, save_model
 
@@ -378,6 +389,19 @@ def test_cli_end_to_end(trained, tmp_path, cache_dir, capsys):
     pruned = load_model(out / "model.keras")
     assert pruned.count_params() == summary["params_after"]
     assert "accuracy" in capsys.readouterr().out
+
+    # a relevance directory from `toolchain relevance` is used as is (no recomputation)
+    from toolchain.relevance import save_relevance
+
+    save_relevance(rmap, tmp_path / "rel")
+    out2 = tmp_path / "pruned_weight"
+    rc = main(["prune", "--model", str(model_path), "--data", "digits", "--relevance", str(tmp_path / "rel"),
+               "--granularity", "weight", "--rule", "nonpositive", "--out", str(out2), "--quiet", "--json"])
+    assert rc == 0
+    summary2 = json.loads(capsys.readouterr().out)
+    assert summary2["rule"] == "nonpositive" and summary2["settings"]["score"] == "sum"
+    expected = np.mean(np.concatenate([(lr.weight <= 0).ravel() for lr in rmap.layers.values()]))
+    assert summary2["sparsity"] == pytest.approx(expected)
 
     # errors: one line, exit code 2, the output directory left alone
     rc = main(["prune", "--model", str(model_path), "--data", "digits", "--criterion", "magnitude",

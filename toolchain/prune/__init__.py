@@ -24,7 +24,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from toolchain.errors import ConfigError, DataError
-from toolchain.prune.criteria import (CRITERIA, FILTER_SOURCES, GRANULARITIES, RELEVANCE_SCORES, SCOPES, Criterion,
+from toolchain.prune.criteria import (CRITERIA, DEFAULT_SCORE, DEFAULT_SOURCE, FILTER_SOURCES,
+                                      GRANULARITIES, RELEVANCE_SCORES, SIGNED_SCORE, SCOPES, Criterion,
                                       ScoringContext, Target, check_layer_names, get_criterion,
                                       kernel_of, prunable_layers, select)
 
@@ -149,7 +150,8 @@ def _kernel_sizes(model, names) -> Dict[str, Tuple[int, int]]:
 def prune(model, dataset, criterion: str = "relevance", granularity: str = "weight",
           rule: Optional[str] = None, sparsity: Optional[float] = None, relevance=None, *,
           lrp_rule: Optional[str] = None, class_selection: Optional[str] = None, samples: Optional[int] = None,
-          scope: str = "layer", score: str = "sum", normalize: bool = False, source: str = "tied",
+          scope: str = "layer", score: Optional[str] = None, normalize: bool = False,
+          source: Optional[str] = None,
           layers: Optional[Sequence[str]] = None, fine_tune_epochs: int = 0, schedule="one_shot",
           iterations: Optional[int] = None, batch_size: Optional[int] = None,
           learning_rate: Optional[float] = None, seed: int = 0, use_cache: bool = True,
@@ -186,8 +188,13 @@ def prune(model, dataset, criterion: str = "relevance", granularity: str = "weig
                           "negative; use criterion 'relevance' or a sparsity target")
     if scope not in SCOPES:
         raise ConfigError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
+    source = source or DEFAULT_SOURCE
     if source not in FILTER_SOURCES:
         raise ConfigError(f"relevance source {source!r} is not one of {', '.join(FILTER_SOURCES)}")
+    score = score or (SIGNED_SCORE if target.kind == "nonpositive" else DEFAULT_SCORE)
+    if target.kind == "nonpositive" and score != SIGNED_SCORE:
+        raise ConfigError(f"the nonpositive rule needs signed relevance (score {SIGNED_SCORE!r}), got "
+                          f"score {score!r}; drop the score option or use a sparsity target")
     if score not in RELEVANCE_SCORES:
         raise ConfigError(f"relevance score {score!r} is not one of {', '.join(RELEVANCE_SCORES)}")
     if relevance is not None:
@@ -302,7 +309,8 @@ def prune(model, dataset, criterion: str = "relevance", granularity: str = "weig
         "class_selection": class_selection if crit.key == "prune.relevance" else None,
         "score": score if crit.key == "prune.relevance" else None,
         "normalize": normalize if crit.key == "prune.relevance" else None,
-        "source": source if crit.key == "prune.relevance" and granularity == "filter" else None, "calibration_samples": int(len(x_cal)),
+        "source": source if crit.key == "prune.relevance" and granularity == "filter" else None,
+        "calibration_samples": int(len(x_cal)),
         "fine_tune_epochs": fine_tune_epochs, "fine_tune_steps": total_steps,
         "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
         "schedule": schedule_obj.get_config() if target.kind != "nonpositive" else "one_shot",

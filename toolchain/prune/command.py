@@ -26,7 +26,8 @@ def _non_negative(text: str) -> int:
 
 
 def add_parser(sub):
-    from toolchain.prune.criteria import GRANULARITIES, RELEVANCE_SCORES, SCOPES
+    from toolchain.prune.criteria import (DEFAULT_SCORE, DEFAULT_SOURCE, FILTER_SOURCES, GRANULARITIES,
+                                          RELEVANCE_SCORES, SCOPES)
     from toolchain.prune.schedule import DEFAULT_ITERATIONS, SCHEDULES
     from toolchain.relevance import CLASS_SELECTIONS
 
@@ -51,8 +52,11 @@ def add_parser(sub):
     p.add_argument("--classes", choices=CLASS_SELECTIONS,
                    help="relevance of the true class (default; with --relevance: the map's), the "
                         "predicted class, or all classes")
-    p.add_argument("--score", default="sum", choices=RELEVANCE_SCORES,
-                   help="relevance score: signed sum (default) or |relevance|")
+    p.add_argument("--score", choices=RELEVANCE_SCORES,
+                   help=f"relevance score: {DEFAULT_SCORE} (default for --sparsity), sum (signed; always "
+                        "used by --rule nonpositive) or abs_sum")
+    p.add_argument("--source", choices=FILTER_SOURCES,
+                   help=f"filter granularity: whose relevance scores a channel (default {DEFAULT_SOURCE})")
     p.add_argument("--samples", type=positive_int, help="first N calibration samples (default: all)")
     p.add_argument("--schedule", default="one_shot", choices=SCHEDULES,
                    help="prune once, or in --iterations steps with relevance re-estimated each time")
@@ -73,7 +77,8 @@ def run(args) -> int:
     result = run_prune(
         args.model, args.data, args.out, criterion=args.criterion, granularity=args.granularity,
         rule=args.rule, sparsity=args.sparsity, scope=args.scope, relevance_dir=args.relevance,
-        lrp_rule=args.lrp_rule, class_selection=args.classes, score=args.score, samples=args.samples,
+        lrp_rule=args.lrp_rule, class_selection=args.classes, score=args.score, source=args.source,
+        samples=args.samples,
         schedule=args.schedule, iterations=args.iterations, fine_tune_epochs=args.fine_tune_epochs,
         seed=args.seed, trust_model=args.trust_model, use_cache=not args.no_cache, quiet=args.quiet,
         data_dir=args.data_dir)

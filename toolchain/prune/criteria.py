@@ -20,6 +20,13 @@ Scope of a sparsity target (``scope``):
   total |relevance| (each unit's share of its layer), magnitude and random scores are ranked raw
   (global magnitude pruning as in Han et al.).
 
+Relevance scores: the engine gives per-weight relevance summed over the calibration samples.
+``score`` says how a unit's score is made from it (signed ``sum``, ``abs`` = sum of |relevance|,
+``abs_sum`` = |sum|), ``source`` which layers' relevance scores a filter. The defaults
+(``DEFAULT_SCORE``, ``DEFAULT_SOURCE``) are the variant that keeps the most accuracy on the MLPerf
+Tiny DS-CNN without fine-tuning; they do not win everywhere: on the digits CNN and at weight
+granularity magnitude does better (benchmarks/results/pruning.md has every variant measured).
+
 Counting follows tfmot: a layer of ``n`` units keeps ``max(round(n * (1 - S)), 1)`` of them
 (NumPy's round half to even, like ``tf.math.round``). Ties are broken by position (a stable sort),
 so for a fixed score the mask at a higher sparsity always contains the mask at a lower one.
@@ -51,6 +58,13 @@ RELEVANCE_SCORES = ("sum", "abs", "abs_sum")
 #: relevance of the feature map itself, Yeom et al.'s filter relevance);
 #: all — producer + tied + consumer
 FILTER_SOURCES = ("producer", "tied", "consumer", "all")
+#: defaults, chosen on the benchmark (benchmarks/results/pruning.md): on the MLPerf Tiny DS-CNN
+#: without fine-tuning, |relevance| flowing out of each feature map (Yeom et al.'s filter relevance,
+#: counted in either direction) keeps the most accuracy; signed sums cancel across samples there.
+#: The nonpositive rule is defined on signed relevance and always uses ``SIGNED_SCORE``.
+DEFAULT_SCORE = "abs"
+SIGNED_SCORE = "sum"
+DEFAULT_SOURCE = "consumer"
 GRANULARITIES = ("weight", "filter")
 
 
@@ -115,9 +129,9 @@ class ScoringContext:
     lrp_rule: str = "lrp.epsilon"
     class_selection: str = "true"
     relevance: object = None
-    score: str = "sum"
+    score: str = DEFAULT_SCORE
     normalize: bool = False
-    source: str = "tied"
+    source: str = DEFAULT_SOURCE
     seed: int = 0
     use_cache: bool = True
     quiet: bool = True

@@ -15,7 +15,8 @@ from toolchain.outdir import check_output_dir, staged_output
 def run_prune(model_path: str, data_spec: str, out: str, *, criterion: str = "relevance",
               granularity: str = "weight", rule: Optional[str] = None, sparsity: Optional[float] = None,
               scope: str = "layer", relevance_dir: Optional[str] = None, lrp_rule: Optional[str] = None,
-              class_selection: Optional[str] = None, score: str = "sum", samples: Optional[int] = None,
+              class_selection: Optional[str] = None, score: Optional[str] = None,
+              source: Optional[str] = None, samples: Optional[int] = None,
               schedule: str = "one_shot", iterations: Optional[int] = None, fine_tune_epochs: int = 0,
               seed: int = 0, trust_model: bool = False, use_cache: bool = True, quiet: bool = False,
               data_dir: Optional[str] = None):
@@ -46,7 +47,7 @@ def run_prune(model_path: str, data_spec: str, out: str, *, criterion: str = "re
     model, dataset = load_inputs(model_path, data_spec, None, trust_model, data_dir)
     result = prune(model, dataset, criterion=crit.key, granularity=granularity, rule=rule,
                    sparsity=sparsity, relevance=rmap, lrp_rule=lrp_rule, class_selection=class_selection,
-                   samples=samples, scope=scope, score=score, fine_tune_epochs=fine_tune_epochs,
+                   samples=samples, scope=scope, score=score, source=source, fine_tune_epochs=fine_tune_epochs,
                    schedule=schedule, iterations=iterations, seed=seed, use_cache=use_cache, quiet=quiet)
     summary = result.summary()
     summary.update({

@@ -15,7 +15,7 @@ One-shot pruning is the schedule with ``begin_step == end_step``: one pruning st
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
