@@ -2,7 +2,7 @@
 import argparse
 import json
 
-from toolchain.cli import add_common, add_model_data, positive_int
+from toolchain.cli import add_common, add_model_data, positive_int, non_negative_int
 
 
 def _sparsity(text: str) -> float:
@@ -15,14 +15,6 @@ def _sparsity(text: str) -> float:
     return value
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
 
 
 def add_parser(sub):
@@ -62,7 +54,7 @@ def add_parser(sub):
                    help="prune once, or in --iterations steps with relevance re-estimated each time")
     p.add_argument("--iterations", type=positive_int, default=DEFAULT_ITERATIONS,
                    help=f"pruning steps of the iterative schedule (default {DEFAULT_ITERATIONS})")
-    p.add_argument("--fine-tune-epochs", type=_non_negative, default=0,
+    p.add_argument("--fine-tune-epochs", type=non_negative_int, default=0,
                    help="epochs of fine-tuning on the training split, masks held fixed (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute relevance even if cached")

@@ -1,19 +1,7 @@
 """``toolchain quantize``: plan mixed-precision weight widths under a budget and simulate them."""
 import json
 
-from toolchain.cli import add_common, add_model_data, positive_int
-
-
-def _non_negative_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
+from toolchain.cli import add_common, add_model_data, positive_int, non_negative_int
 
 
 def add_parser(sub):
@@ -32,10 +20,10 @@ def add_parser(sub):
     p.add_argument("--rule", help="LRP rule when relevance is computed here (default lrp.epsilon)")
     p.add_argument("--weighting", help="how relevance weights the quantisation error: relative_sq (default), "
                    "relative, relative_layer, mse, taylor, taylor_channel")
-    p.add_argument("--qat-epochs", type=_non_negative_int, default=0,
+    p.add_argument("--qat-epochs", type=non_negative_int, default=0,
                    help="quantisation-aware fine-tuning epochs on the train split (default 0)")
     p.add_argument("--samples", type=positive_int, help="first N calibration samples (default: all)")
-    p.add_argument("--int16-layers", type=_non_negative_int, default=0,
+    p.add_argument("--int16-layers", type=non_negative_int, default=0,
                    help="give the N layers with the largest remaining loss 16-bit activations (default 0)")
     p.add_argument("--plan", metavar="BITPLAN_JSON", help="apply this (e.g. hand-edited) bitplan.json instead of "
                    "allocating")
