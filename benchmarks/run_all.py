@@ -20,7 +20,6 @@ Writes benchmarks/results/run_all.{json,md,png} and updates README's results sec
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import sys
@@ -43,7 +42,9 @@ TARGET_SPEEDUP = 2.5
 
 
 def gz(path) -> int:
-    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
+    from toolchain.quantize.size import artifact_sizes
+
+    return artifact_sizes([path])[str(path)]["gzip_bytes"]
 
 
 def tflite_accuracy(path, x, y) -> float:

@@ -121,9 +121,9 @@ class Rootfs:
 def default_rootfs_dir() -> Path:
     if os.environ.get(ROOTFS_ENV):
         return Path(os.environ[ROOTFS_ENV]).expanduser()
-    cache = os.environ.get("TOOLCHAIN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "toolchain")
-    return Path(cache).expanduser() / ROOTFS_NAME
+    from toolchain.stagecache import cache_root
+
+    return cache_root() / ROOTFS_NAME
 
 
 def _mirrors() -> List[str]:

@@ -8,7 +8,6 @@ run leaves the previous complete build or nothing. The input model file is never
 """
 from __future__ import annotations
 
-import gzip
 import json
 import platform
 import sys
@@ -64,10 +63,6 @@ def library_versions() -> Dict[str, str]:
 
     out["toolchain"] = __version__
     return out
-
-
-def _gzip_size(path: Path) -> int:
-    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
 
 
 def _predict_artifact(artifact, x: np.ndarray) -> np.ndarray:
@@ -169,9 +164,9 @@ def _verify_overrides(recipe) -> dict:
 def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optional[str] = None,
                  target: Optional[str] = None, trust_model: bool = False, data_dir: Optional[str] = None,
                  quiet: bool = False) -> CompressResult:
-    from toolchain.data import check_compatible, load_dataset
     from toolchain.export import export, parse_formats
-    from toolchain.model_io import file_sha256, load_model, model_hash
+    from toolchain.model_io import file_sha256, model_hash
+    from toolchain.pipeline import load_inputs
     from toolchain.outdir import check_output_dir, staged_output
     from toolchain.recipe import load_recipe, validate
     from toolchain.relevance import compute_relevance, save_relevance
@@ -185,9 +180,7 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
     out_dir = check_output_dir(out)
     progress = _Progress(quiet)
     input_hash = file_sha256(model_path) if Path(model_path).exists() else None
-    model = load_model(model_path, trust_model=trust_model)
-    dataset = load_dataset(data_spec, data_dir=data_dir)
-    check_compatible(dataset, tuple(model.input_shape[1:]), int(model.output_shape[-1]))
+    model, dataset = load_inputs(model_path, data_spec, trust_model=trust_model, data_dir=data_dir)
     if dataset.x_eval is None:
         raise ConfigError(f"dataset {data_spec!r} has no evaluation split; compress needs one to verify "
                           "artifacts (npz: add x_eval and y_eval)")
@@ -251,7 +244,8 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
                         thresholds=_verify_overrides(recipe), quiet=quiet)
         baseline = export(model, dataset, ["tflite-fp32"], stage / "baseline", quiet=quiet)
         summary["verify"] = bundle.verify.to_dict()
-        rows = _artifact_rows(bundle, baseline, model, dataset, plan, compressed)
+        packed = summary["quantize"]["packed_weight_bytes"] if plan is not None else None
+        rows = _artifact_rows(bundle, baseline, model, dataset, packed)
         if recipe["bench"]["enabled"]:
             b = recipe["bench"]
             progress.stage("bench", f"target {b['target']}, {b['runs']} runs, threads {b['threads']}")
@@ -290,25 +284,23 @@ def _json_default(obj):
     return str(obj)
 
 
-def _artifact_rows(bundle, baseline, original, dataset, plan, compressed) -> List[dict]:
-    """One row per artifact: accuracy, agreement with the ORIGINAL model, sizes three ways."""
+def _artifact_rows(bundle, baseline, original, dataset, packed: Optional[int]) -> List[dict]:
+    """One row per artifact: accuracy, agreement with the ORIGINAL model, sizes three ways
+    (``packed``: the bit plan's packed weight bytes, shown on the mixed-precision rows)."""
+    from toolchain.quantize.size import artifact_sizes
+
     x, y = dataset.x_eval, dataset.y_eval
     original_top1 = np.argmax(original.predict(x, verbose=0), axis=-1)
-    packed = None
-    if plan is not None:
-        from toolchain.quantize.size import plan_size
-        from toolchain.quantize.simulate import fold_batchnorm
-
-        packed = plan_size(fold_batchnorm(compressed), plan).to_dict().get("packed_weight_bytes")
     rows = []
     for origin, b in (("baseline", baseline), ("compressed", bundle)):
         for fmt, art in b.artifacts.items():
             top1 = np.argmax(_predict_artifact(art, x), axis=-1)
+            gzip_bytes = artifact_sizes([art.path])[str(art.path)]["gzip_bytes"]
             rows.append({
                 "name": f"{origin}/{Path(art.path).name}", "format": fmt, "origin": origin,
                 "path": str(art.path), "accuracy": float((top1 == y).mean()),
                 "agreement": float((top1 == original_top1).mean()),
-                "size_bytes": int(art.size_bytes), "gzip_bytes": _gzip_size(art.path),
+                "size_bytes": int(art.size_bytes), "gzip_bytes": gzip_bytes,
                 "packed_weight_bytes": packed if (origin == "compressed" and "mixed" in fmt) else None,
             })
     if bundle.mcu is not None:

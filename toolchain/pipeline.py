@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 from toolchain.outdir import check_output_dir, staged_output
 

@@ -18,10 +18,16 @@ from typing import Any, Optional, Tuple
 from toolchain import __version__
 
 
-def root() -> Path:
+def cache_root() -> Path:
+    """Where every toolchain cache lives: ``$TOOLCHAIN_CACHE_DIR``, else ``$XDG_CACHE_HOME/toolchain``
+    (``~/.cache/toolchain``)."""
     base = os.environ.get("TOOLCHAIN_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "toolchain")
-    return Path(base) / "stages"
+    return Path(base).expanduser()
+
+
+def root() -> Path:
+    return cache_root() / "stages"
 
 
 def key(stage: str, *parts: Any) -> str:

@@ -95,9 +95,9 @@ class RelevanceMap:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TOOLCHAIN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "toolchain")
-    return Path(root) / "relevance"
+    from toolchain.stagecache import cache_root
+
+    return cache_root() / "relevance"
 
 
 def _array_hash(*arrays: np.ndarray) -> str:
