@@ -35,6 +35,7 @@ bench: $(STAMP)
 bench-all: $(STAMP)
 	$(PY) benchmarks/relevance_speed.py
 	$(PY) benchmarks/pruning.py
+	$(PY) benchmarks/distillation.py
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/export.py
 	$(PY) benchmarks/run_all.py

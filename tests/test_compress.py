@@ -11,8 +11,8 @@ from toolchain.model_io import file_sha256
 
 FAST_RECIPE = """
 relevance: {samples: 200}
-prune: {mode: sparsity, sparsity: 0.2}
-quantize: {bits: [4, 8], budget: avg-bits=6}
+prune: {mode: sparsity, sparsity: 0.2, channel_multiple: 1, distill_steps: 100}
+quantize: {allocator: relevance, bits: [4, 8], budget: avg-bits=6}
 export: {formats: [tflite-fp32, tflite-int8, tflite-mixed, onnx-int8, mcu]}
 bench: {runs: 20}
 """
@@ -58,6 +58,9 @@ def test_build_contents(build, digits_model):
     base = next(r for r in summary["artifacts"] if r["origin"] == "baseline")
     assert mixed["size_bytes"] < base["size_bytes"] / 3
     assert summary["prune"]["params_after"] < summary["prune"]["params_before"]
+    distilled = summary["prune"]["settings"]["distill"]
+    assert distilled["config"]["steps"] == 100 and 0 <= distilled["agreement_after"] <= 1
+    assert "Knowledge distillation from the original model: 100 steps" in (out / "report.md").read_text()
     assert -1 <= summary["fidelity"]["mean_correlation"] <= 1
     assert summary["versions"]["tensorflow"] == "2.14.1"
     assert file_sha256(digits_model) == before  # the input model is never modified

@@ -18,7 +18,8 @@ def test_partial_recipe_merges_over_defaults():
 
 
 def test_all_problems_reported_at_once_with_key_paths():
-    bad = {"prune": {"sparsity": 1.5, "granularity": "neuron", "colour": "red"},
+    bad = {"prune": {"sparsity": 1.5, "granularity": "neuron", "colour": "red", "distill_steps": -5,
+                     "channel_multiple": 0, "distill_temperature": 0},
            "quantize": {"bits": [], "budget": "avg-bits=-1", "qat_epochs": "3"},
            "bench": {"target": "ftp://pi", "threads": [0]},
            "relevance": {"rule": "lrp.nope", "samples": True},
@@ -27,7 +28,8 @@ def test_all_problems_reported_at_once_with_key_paths():
         validate(bad)
     msg = str(e.value)
     for fragment in ["prune.sparsity: 1.5 is not a number in [0, 1)", "prune.granularity: 'neuron'",
-                     "prune.colour: unknown key", "quantize.bits: []", "quantize.budget: 'avg-bits=-1'",
+                     "prune.colour: unknown key", "prune.distill_steps: -5", "prune.channel_multiple: 0",
+                     "prune.distill_temperature: 0", "quantize.bits: []", "quantize.budget: 'avg-bits=-1'",
                      "quantize.qat_epochs: '3' is a str", "bench.target: 'ftp://pi'", "bench.threads: [0]",
                      "relevance.rule: 'lrp.nope'", "relevance.samples: True is a bool", "deploy: unknown stage"]:
         assert fragment in msg, fragment

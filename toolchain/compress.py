@@ -83,20 +83,28 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
     from toolchain.prune import prune
 
     p = recipe["prune"]
+    from toolchain.prune.distill import DistillConfig
+
     settings = {k: p[k] for k in ("criterion", "granularity", "mode", "sparsity", "fine_tune_epochs",
-                                  "auto_sparsities", "auto_max_drop")}
+                                  "auto_sparsities", "auto_max_drop", "channel_multiple", "distill_steps",
+                                  "distill_temperature")}
     entry = stagecache.key("prune", m_hash, d_hash, settings, recipe["relevance"])
     hit = stagecache.get(entry)
     if hit is not None and hit[0] is not None:
         return hit[0], hit[1], True
 
-    def run(sparsity, epochs):
+    # rounding channel counts only means something for filters removed to a sparsity target
+    multiple = p["channel_multiple"] if p["granularity"] == "filter" and p["mode"] != "nonpositive" else 1
+    distill = DistillConfig(steps=p["distill_steps"], temperature=float(p["distill_temperature"]))
+
+    def run(sparsity, epochs, distill=None):
         return prune(model, dataset, criterion=p["criterion"], granularity=p["granularity"],
                      rule="nonpositive" if p["mode"] == "nonpositive" else None,
                      sparsity=None if p["mode"] == "nonpositive" else float(sparsity),
                      relevance=rmap if p["criterion"] == "relevance" else None,
                      lrp_rule=recipe["relevance"]["rule"], class_selection=recipe["relevance"]["classes"],
-                     samples=recipe["relevance"]["samples"], fine_tune_epochs=epochs, quiet=quiet)
+                     samples=recipe["relevance"]["samples"], fine_tune_epochs=epochs, channel_multiple=multiple,
+                     distill=distill, quiet=quiet)
 
     auto = None
     if p["mode"] == "auto":
@@ -119,9 +127,10 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
                        "accuracy_before": None, "accuracy_after": None}
             stagecache.put(entry, summary, model)
             return model, summary, False
-        result = run(chosen, p["fine_tune_epochs"]) if p["fine_tune_epochs"] else candidate
+        tuned = p["fine_tune_epochs"] or p["distill_steps"]
+        result = run(chosen, p["fine_tune_epochs"], distill) if tuned else candidate
     else:
-        result = run(p["sparsity"], p["fine_tune_epochs"])
+        result = run(p["sparsity"], p["fine_tune_epochs"], distill)
     summary = result.summary()
     if auto is not None:
         summary["auto"] = auto

@@ -18,12 +18,12 @@ from toolchain.errors import ConfigError
 # value is explained in EXAMPLE below.
 DEFAULT_RECIPE: Dict[str, Any] = {
     "relevance": {"rule": "lrp.epsilon", "samples": 500, "classes": "true"},
-    "prune": {"enabled": True, "criterion": "relevance", "granularity": "filter", "mode": "auto",
-              "sparsity": 0.25, "auto_sparsities": [0.5, 0.4, 0.3, 0.2, 0.1], "auto_max_drop": 0.01,
-              "fine_tune_epochs": 0},
-    "quantize": {"enabled": True, "allocator": "relevance", "bits": [2, 3, 4, 5, 6, 8], "budget": "avg-bits=4",
+    "prune": {"enabled": True, "criterion": "relevance", "granularity": "filter", "mode": "sparsity",
+              "sparsity": 0.5, "auto_sparsities": [0.5, 0.4, 0.3, 0.2, 0.1], "auto_max_drop": 0.01,
+              "channel_multiple": 16, "fine_tune_epochs": 0, "distill_steps": 8000, "distill_temperature": 1.0},
+    "quantize": {"enabled": True, "allocator": "uniform", "bits": [8], "budget": "avg-bits=8",
                  "granularity": "layer", "group_size": 8, "qat_epochs": 0},
-    "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed", "onnx-fp32", "onnx-int8", "mcu"]},
+    "export": {"formats": ["tflite-fp32", "tflite-int8", "onnx-fp32", "onnx-int8", "mcu"]},
     "verify": {"min_agreement": 0.9, "max_accuracy_drop": 0.05},
     "bench": {"enabled": True, "target": "local", "runs": 200, "threads": [1]},
 }
@@ -38,23 +38,32 @@ prune:
   enabled: true
   criterion: relevance     # relevance | magnitude | random
   granularity: filter      # filter (rebuilds a narrower model) | weight (exact zeros)
-  mode: auto               # auto | sparsity (remove the least relevant fraction) | nonpositive (paper's rule)
-  sparsity: 0.25           # in [0, 1); used when mode is sparsity
+  mode: sparsity           # sparsity (remove the least relevant fraction) | nonpositive (paper's rule) | auto
+  sparsity: 0.5            # in [0, 1); used when mode is sparsity
   # auto: the largest of these sparsities whose accuracy on the CALIBRATION split (never the
   # evaluation split) drops by at most auto_max_drop before fine-tuning; none qualifies -> no pruning
   auto_sparsities: [0.5, 0.4, 0.3, 0.2, 0.1]
   auto_max_drop: 0.01
-  fine_tune_epochs: 0      # needs training data (not available for kws01)
+  channel_multiple: 16     # filter pruning keeps a multiple of this many channels per layer (XNNPACK
+                           # int8 runs 24 or 28 channels up to 1.5x slower than 32); 1 = no rounding
+  fine_tune_epochs: 0      # epochs on the labelled training split (kws01 has only its 500 calibration samples)
+  # knowledge distillation from the original model on augmented calibration samples (mixup, time
+  # shift, noise): needs no labels; 0 = off. ~100 s for DS-CNN on 2 cores.
+  distill_steps: 8000
+  distill_temperature: 1.0
 quantize:
   enabled: true
-  allocator: relevance     # relevance | uniform | sensitivity
-  bits: [2, 3, 4, 5, 6, 8]  # candidate weight widths (TFLite stores <= 4 as INT4, 5-8 as INT8)
-  budget: avg-bits=4       # avg-bits=B | size-kb=K | total-bits=N
+  # int8 everywhere: on XNNPACK (TFLite's default CPU path) INT4 kernels run ~4x slower than int8.
+  # For the smallest flash image instead: allocator: relevance, bits: [2, 3, 4, 5, 6, 8],
+  # budget: avg-bits=4 and add tflite-mixed to export.formats.
+  allocator: uniform       # relevance | uniform | sensitivity
+  bits: [8]                # candidate weight widths (TFLite stores <= 4 as INT4, 5-8 as INT8)
+  budget: avg-bits=8       # avg-bits=B | size-kb=K | total-bits=N
   granularity: layer       # layer | group (of output channels)
   group_size: 8
   qat_epochs: 0
 export:
-  formats: [tflite-fp32, tflite-int8, tflite-mixed, onnx-fp32, onnx-int8, mcu]
+  formats: [tflite-fp32, tflite-int8, onnx-fp32, onnx-int8, mcu]   # also: tflite-mixed, tflite-fp16, ...
 verify:
   min_agreement: 0.9       # top-1 agreement of each artifact with its Keras model
   max_accuracy_drop: 0.05  # accuracy of each artifact vs the uncompressed model
@@ -102,7 +111,9 @@ SCHEMA: Dict[str, Dict[str, Check]] = {
               "auto_sparsities": _list_of((int, float), lambda v: 0 < v < 1, "a non-empty list of numbers in (0, 1)"),
               "auto_max_drop": Check((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
               "sparsity": Check((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
-              "fine_tune_epochs": _int_range(0)},
+              "channel_multiple": _int_range(1, 256), "fine_tune_epochs": _int_range(0),
+              "distill_steps": _int_range(0),
+              "distill_temperature": Check((int, float), lambda v: 0 < v <= 100, "a number in (0, 100]")},
     "quantize": {"enabled": Check(bool), "allocator": _choice("relevance", "uniform", "sensitivity"),
                  "bits": _list_of(int, lambda b: b in (2, 3, 4, 5, 6, 7, 8, 16), "a non-empty list of widths from 2..8, 16"),
                  "budget": Check(str, _budget_ok, "avg-bits=B, size-kb=K or total-bits=N with a positive number"),

@@ -81,8 +81,20 @@ def sections(summary: Mapping) -> List[dict]:
                          f"allowed drop {auto['max_drop']:.0%}; tried {tried}): "
                          + (f"chose {auto['chosen']:.0%}." if auto["chosen"] is not None else "no sparsity qualified, "
                             "so nothing was pruned."))
+        dist = (pr.get("settings") or {}).get("distill")
+        dist_text = ""
+        if dist:
+            steps = pr.get("steps") or []
+            pruned_acc = steps[-1].get("accuracy") if steps else None
+            dist_text = (f" Knowledge distillation from the original model: {dist['config']['steps']} steps at "
+                         f"temperature {dist['config']['temperature']:g} on augmented calibration samples; "
+                         f"top-1 agreement with the original on the calibration samples "
+                         f"{dist['agreement_before']:.1%} → {dist['agreement_after']:.1%}"
+                         + (f" (evaluation accuracy before distillation {pruned_acc:.2%})." if pruned_acc is not None
+                            else "."))
         out.append({"title": "Pruning", "text": f"{pr['criterion']} criterion, {pr['granularity']} granularity, "
-                    f"{pr['rule']}: parameters {pr['params_before']:,} → {pr['params_after']:,}.{acc}{auto_text}",
+                    f"{pr['rule']}: parameters {pr['params_before']:,} → {pr['params_after']:,}.{acc}{auto_text}"
+                    f"{dist_text}",
                     "headers": ["layer", "sparsity", "removed channels"], "rows": rows,
                     "plots": ["prune_sparsity.png"]})
     qu = summary.get("quantize")

@@ -56,6 +56,13 @@ def add_parser(sub):
                    help=f"pruning steps of the iterative schedule (default {DEFAULT_ITERATIONS})")
     p.add_argument("--fine-tune-epochs", type=non_negative_int, default=0,
                    help="epochs of fine-tuning on the training split, masks held fixed (default 0)")
+    p.add_argument("--distill-steps", type=non_negative_int, default=0,
+                   help="knowledge distillation from the original model on augmented calibration "
+                        "samples after pruning (no labels needed; 8000 in the default recipe)")
+    p.add_argument("--distill-temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    p.add_argument("--channel-multiple", type=positive_int, default=1,
+                   help="filter granularity: keep a multiple of this many channels per layer (e.g. 16 "
+                        "for XNNPACK's int8 kernels; default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute relevance even if cached")
     p.add_argument("--out", required=True, help="output directory")
@@ -72,7 +79,8 @@ def run(args) -> int:
         lrp_rule=args.lrp_rule, class_selection=args.classes, score=args.score, source=args.source,
         samples=args.samples,
         schedule=args.schedule, iterations=args.iterations, fine_tune_epochs=args.fine_tune_epochs,
-        seed=args.seed, trust_model=args.trust_model, use_cache=not args.no_cache, quiet=args.quiet,
+        distill_steps=args.distill_steps, distill_temperature=args.distill_temperature,
+        channel_multiple=args.channel_multiple, seed=args.seed, trust_model=args.trust_model, use_cache=not args.no_cache, quiet=args.quiet,
         data_dir=args.data_dir)
     if args.json:
         print(json.dumps(result.summary(), indent=2))

@@ -381,6 +381,23 @@ def select(scores: Mapping[str, np.ndarray], target: Target, scope: str = "layer
     return {k: keep[k].reshape(np.shape(scores[k])) for k in scores}
 
 
+def align_kept(keep: np.ndarray, scores: np.ndarray, previous: np.ndarray, multiple: int) -> np.ndarray:
+    """``keep`` with its count rounded to the nearest multiple of ``multiple`` (halves up; at least
+    one multiple, at most the units still alive in ``previous``): best-scored units are added back
+    or lowest-scored kept units removed. Units already gone in ``previous`` stay gone."""
+    keep = np.asarray(keep, bool).copy()
+    alive = np.asarray(previous, bool)
+    n_alive = int(alive.sum())
+    if multiple <= 1 or n_alive <= multiple:
+        return keep
+    want = int(np.floor(keep.sum() / multiple + 0.5)) * multiple
+    want = min(max(want, multiple), n_alive)
+    order = np.argsort(-np.where(alive, scores, -np.inf), kind="stable")  # best alive first
+    out = np.zeros_like(keep)
+    out[order[:want]] = True
+    return out
+
+
 def _keep_lowest_removed(s: np.ndarray, gone: np.ndarray, n_remove: int) -> np.ndarray:
     """Remove the units already gone first, then the lowest scores, ``n_remove`` in total."""
     n_remove = max(int(n_remove), int(gone.sum()))

@@ -18,6 +18,7 @@ def run_prune(model_path: str, data_spec: str, out: str, *, criterion: str = "re
               class_selection: Optional[str] = None, score: Optional[str] = None,
               source: Optional[str] = None, samples: Optional[int] = None,
               schedule: str = "one_shot", iterations: Optional[int] = None, fine_tune_epochs: int = 0,
+              distill_steps: int = 0, distill_temperature: float = 1.0, channel_multiple: int = 1,
               seed: int = 0, trust_model: bool = False, use_cache: bool = True, quiet: bool = False,
               data_dir: Optional[str] = None):
     """Prune the model at ``model_path`` on ``data_spec`` and write ``out/model.keras`` and
@@ -41,6 +42,9 @@ def run_prune(model_path: str, data_spec: str, out: str, *, criterion: str = "re
     if relevance_dir is not None and crit.key != "prune.relevance":
         raise ConfigError(f"--relevance was given but the criterion is {criterion}; drop it or use "
                           "--criterion relevance")
+    from toolchain.prune.distill import DistillConfig
+
+    distill = DistillConfig(steps=distill_steps, temperature=distill_temperature, seed=seed) if distill_steps else None
     check_output_dir(out)
     rmap = load_relevance(relevance_dir) if relevance_dir is not None else None
 
@@ -48,7 +52,8 @@ def run_prune(model_path: str, data_spec: str, out: str, *, criterion: str = "re
     result = prune(model, dataset, criterion=crit.key, granularity=granularity, rule=rule,
                    sparsity=sparsity, relevance=rmap, lrp_rule=lrp_rule, class_selection=class_selection,
                    samples=samples, scope=scope, score=score, source=source, fine_tune_epochs=fine_tune_epochs,
-                   schedule=schedule, iterations=iterations, seed=seed, use_cache=use_cache, quiet=quiet)
+                   schedule=schedule, iterations=iterations, seed=seed, use_cache=use_cache,
+                   distill=distill, channel_multiple=channel_multiple, quiet=quiet)
     summary = result.summary()
     summary.update({
         "model": str(Path(model_path).resolve()), "model_sha256": file_sha256(model_path),

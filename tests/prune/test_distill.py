@@ -1,0 +1,100 @@
+"""Knowledge distillation after pruning and channel counts rounded to a multiple: the student moves
+towards the teacher, pruned weights stay zero, settings are validated, and ``align_kept`` keeps
+the best-scored units in multiples."""
+import numpy as np
+import pytest
+
+from toolchain.errors import ConfigError
+from toolchain.prune import prune
+from toolchain.prune.criteria import align_kept
+from toolchain.prune.distill import DistillConfig, distill
+
+from tests.prune.test_prune import _tiny_model, cache_dir, digits, trained  # noqa: F401 (fixtures)
+
+
+def test_align_kept_rounds_to_the_nearest_multiple_keeping_the_best():
+    scores = np.arange(64, dtype=float)  # unit i has score i
+    alive = np.ones(64, bool)
+    keep = np.zeros(64, bool)
+    keep[64 - 37:] = True  # 37 best kept -> nearest multiple of 16 is 32
+    out = align_kept(keep, scores, alive, 16)
+    assert out.sum() == 32 and out[32:].all() and not out[:32].any()
+    keep = np.zeros(64, bool)
+    keep[64 - 41:] = True  # 41 -> 48: the 7 best of the dropped units come back
+    out = align_kept(keep, scores, alive, 16)
+    assert out.sum() == 48 and out[16:].all()
+    keep = np.zeros(64, bool)
+    keep[-3:] = True  # never below one multiple
+    assert align_kept(keep, scores, alive, 16).sum() == 16
+    # units removed earlier stay removed even when they score best
+    alive[60:] = False
+    keep = alive.copy()
+    keep[:10] = False
+    out = align_kept(keep, scores, alive, 16)
+    assert out.sum() == 48 and not out[60:].any()
+    # groups no larger than one multiple are left alone
+    small = np.array([True, False, True])
+    assert (align_kept(small, np.arange(3.0), np.ones(3, bool), 16) == small).all()
+
+
+def test_distill_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="steps"):
+        DistillConfig(steps=-1)
+    with pytest.raises(ConfigError, match="temperature"):
+        DistillConfig(temperature=0)
+    with pytest.raises(ConfigError, match="mixup"):
+        DistillConfig(mixup=1.5)
+
+
+def test_distillation_moves_a_pruned_model_towards_its_teacher(trained, digits, cache_dir):
+    """50% of the filters removed without fine-tuning disagrees with the original on many
+    calibration samples; 300 distillation steps (no labels used) must raise the agreement by at
+    least 10 points and the held-out accuracy must not fall."""
+    x = digits.x_train[:300]
+    pruned = prune(trained, digits, "magnitude", "filter", sparsity=0.5, quiet=True).model
+    from toolchain.prune import accuracy
+
+    acc_before = accuracy(pruned, digits.x_eval, digits.y_eval)
+    history = distill(pruned, trained, x, DistillConfig(steps=300, seed=1))
+    assert history["agreement_after"] >= history["agreement_before"] + 0.10, history
+    assert accuracy(pruned, digits.x_eval, digits.y_eval) >= acc_before
+    assert history["loss"] and all(np.isfinite(v) for _, v in history["loss"])
+
+
+def test_prune_with_distillation_and_channel_multiple(trained, digits, cache_dir):
+    """Through ``prune``: widths are multiples of 4, the distillation record lands in the summary,
+    and weight-level masks survive distillation as exact zeros."""
+    r = prune(trained, digits, "magnitude", "filter", sparsity=0.4, channel_multiple=4,
+              distill=DistillConfig(steps=50), quiet=True)
+    widths = {l.name: getattr(l, "filters", None) or l.units for l in r.model.layers
+              if getattr(l, "filters", None) or (hasattr(l, "units") and l.name != "predictions")}
+    assert widths and all(w % 4 == 0 for w in widths.values()), widths
+    assert widths["conv1"] < 8 and widths["pw"] < 12, widths
+    d = r.summary()["settings"]["distill"]
+    assert d["config"]["steps"] == 50 and "agreement_after" in d
+    w = prune(trained, digits, "magnitude", "weight", sparsity=0.5, distill=DistillConfig(steps=50), quiet=True)
+    for name, mask in w.masks.items():
+        kernel = w.model.get_layer(name).get_weights()[0]
+        assert np.all(kernel[~mask] == 0), name
+    with pytest.raises(ConfigError, match="channel_multiple"):
+        prune(trained, digits, "magnitude", "weight", sparsity=0.5, channel_multiple=4, quiet=True)
+
+
+def test_cli_prune_with_distillation(trained, tmp_path, cache_dir):
+    import json
+
+    from toolchain.cli import main
+    from toolchain.model_io import save_model
+
+    model_path = tmp_path / "tiny.keras"
+    save_model(trained, model_path)
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", str(model_path), "--data", "digits", "--criterion", "magnitude",
+               "--granularity", "filter", "--sparsity", "0.4", "--channel-multiple", "4",
+               "--distill-steps", "30", "--out", str(out), "--quiet"])
+    assert rc == 0
+    settings = json.loads((out / "prune.json").read_text())["settings"]
+    assert settings["channel_multiple"] == 4 and settings["distill"]["config"]["steps"] == 30
+    rc = main(["prune", "--model", str(model_path), "--data", "digits", "--sparsity", "0.4",
+               "--distill-steps", "-1", "--out", str(tmp_path / "bad")])
+    assert rc != 0 and not (tmp_path / "bad").exists()
