@@ -25,10 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-RESULTS = REPO / "benchmarks" / "results"
-KWS_MODEL = Path(os.environ.get("TOOLCHAIN_SHARED_DIR", REPO.parent / "shared")) / "models" / "mlperf-tiny" / "kws_ref_model"
+from run_all import KWS_MODEL, RESULTS, tflite_accuracy  # the script's folder is on sys.path
 
 
 def main() -> int:
@@ -41,9 +38,8 @@ def main() -> int:
         print(f"{KWS_MODEL} is absent; set TOOLCHAIN_SHARED_DIR to the folder holding models/mlperf-tiny")
         return 1
     from toolchain.export import export
-    from toolchain.export.tflite_backend import TfliteRunner
     from toolchain.pipeline import load_inputs
-    from toolchain.prune import accuracy, prune
+    from toolchain.prune import prune
     from toolchain.prune.distill import DistillConfig
     from toolchain.recipe import DEFAULT_RECIPE
 
@@ -57,14 +53,14 @@ def main() -> int:
                 t0 = time.perf_counter()
                 r = prune(model, ds, criterion=criterion, granularity="filter", sparsity=p["sparsity"],
                           channel_multiple=p["channel_multiple"],
-                          distill=DistillConfig(steps=steps, temperature=p["distill_temperature"], seed=seed),
+                          distill=DistillConfig.from_recipe(p, steps=steps, seed=seed),
                           quiet=True)
                 art = export(r.model, ds, ["tflite-int8"], Path(tmp) / f"{criterion}_{seed}", quiet=True)
                 path = art.artifacts["tflite-int8"].path
-                int8 = float((np.argmax(TfliteRunner(str(path))(ds.x_eval), -1) == ds.y_eval).mean())
+                int8 = tflite_accuracy(path, ds.x_eval, ds.y_eval)
                 d = r.settings["distill"]
                 row = {"criterion": criterion, "seed": seed, "params": r.params_after,
-                       "pruned_accuracy": r.steps[-1].accuracy, "distilled_accuracy": accuracy(r.model, ds.x_eval, ds.y_eval),
+                       "pruned_accuracy": r.steps[-1].accuracy, "distilled_accuracy": r.accuracy_after,
                        "int8_accuracy": int8, "int8_bytes": Path(path).stat().st_size,
                        "calibration_agreement": d["agreement_after"], "seconds": time.perf_counter() - t0}
                 rows.append(row)

@@ -144,7 +144,7 @@ def run_case(name: str, model_path: Path, data_spec: str, runs: int, work: Path,
     p = DEFAULT_RECIPE["prune"]
     ctrl = prune(model, ds, criterion="magnitude", granularity=p["granularity"], sparsity=p["sparsity"],
                  channel_multiple=p["channel_multiple"],
-                 distill=DistillConfig(steps=p["distill_steps"], temperature=p["distill_temperature"]), quiet=True)
+                 distill=DistillConfig.from_recipe(p), quiet=True)
     ctrl_export = export(ctrl.model, ds, ["tflite-int8"], work / f"{name}_magnitude_distill", quiet=True)
     add(f"magnitude filters {p['sparsity']:.0%} + distill + int8", "tflite-int8",
         ctrl_export.artifacts["tflite-int8"].path, note=f"params {ctrl.params_after:,}")

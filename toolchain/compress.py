@@ -82,9 +82,9 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
     from toolchain import stagecache
     from toolchain.prune import prune
 
-    p = recipe["prune"]
     from toolchain.prune.distill import DistillConfig
 
+    p = recipe["prune"]
     settings = {k: p[k] for k in ("criterion", "granularity", "mode", "sparsity", "fine_tune_epochs",
                                   "auto_sparsities", "auto_max_drop", "channel_multiple", "distill_steps",
                                   "distill_temperature")}
@@ -95,16 +95,16 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
 
     # rounding channel counts only means something for filters removed to a sparsity target
     multiple = p["channel_multiple"] if p["granularity"] == "filter" and p["mode"] != "nonpositive" else 1
-    distill = DistillConfig(steps=p["distill_steps"], temperature=float(p["distill_temperature"]))
+    distill = DistillConfig.from_recipe(p)
 
-    def run(sparsity, epochs, distill=None):
+    def run(sparsity, epochs, distillation=None):
         return prune(model, dataset, criterion=p["criterion"], granularity=p["granularity"],
                      rule="nonpositive" if p["mode"] == "nonpositive" else None,
                      sparsity=None if p["mode"] == "nonpositive" else float(sparsity),
                      relevance=rmap if p["criterion"] == "relevance" else None,
                      lrp_rule=recipe["relevance"]["rule"], class_selection=recipe["relevance"]["classes"],
                      samples=recipe["relevance"]["samples"], fine_tune_epochs=epochs, channel_multiple=multiple,
-                     distill=distill, quiet=quiet)
+                     distill=distillation, quiet=quiet)
 
     auto = None
     if p["mode"] == "auto":

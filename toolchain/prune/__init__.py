@@ -313,7 +313,6 @@ def prune(model, dataset, criterion: str = "relevance", granularity: str = "weig
 
         distill_history = run_distill(work, model, x_cal, distill,
                                       masks=masks if granularity == "weight" else None, quiet=quiet)
-        distill_history["accuracy_after"] = accuracy(work, x_eval, y_eval)
     stripped = strip(work)
     if granularity == "weight":
         apply_weight_masks(stripped, masks)  # exact zeros whatever the optimizer did last

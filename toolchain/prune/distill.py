@@ -59,6 +59,14 @@ class DistillConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_recipe(cls, prune_settings: Mapping, **overrides) -> "DistillConfig":
+        """The distillation a recipe's ``prune`` section asks for (``distill_steps``,
+        ``distill_temperature``); ``overrides`` replace single fields (e.g. ``seed``)."""
+        fields = {"steps": prune_settings["distill_steps"],
+                  "temperature": float(prune_settings["distill_temperature"])}
+        return cls(**{**fields, **overrides})
+
 
 def _log_probs(model):
     """A function from the model's output to log-probabilities (its last layer may be a softmax)."""
@@ -88,10 +96,10 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
         raise ConfigError(f"student {student.input_shape}->{student.output_shape} and teacher "
                           f"{teacher.input_shape}->{teacher.output_shape} differ in input or class count")
 
+    teacher_top1 = np.argmax(teacher.predict(x, batch_size=256, verbose=0), -1)
+
     def agreement():
-        a = np.argmax(student.predict(x, batch_size=256, verbose=0), -1)
-        b = np.argmax(teacher.predict(x, batch_size=256, verbose=0), -1)
-        return float((a == b).mean())
+        return float((np.argmax(student.predict(x, batch_size=256, verbose=0), -1) == teacher_top1).mean())
 
     history = {"config": config.to_dict(), "agreement_before": agreement(), "loss": []}
     if config.steps == 0:
