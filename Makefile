@@ -36,6 +36,7 @@ bench-all: $(STAMP)
 	$(PY) benchmarks/relevance_speed.py
 	$(PY) benchmarks/pruning.py
 	$(PY) benchmarks/distillation.py
+	$(PY) benchmarks/kernel_speed.py
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/export.py
 	$(PY) benchmarks/run_all.py

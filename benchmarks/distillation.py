@@ -4,8 +4,7 @@ ranking, over several distillation seeds, with the int8 TFLite accuracy that shi
 kws01 has no training split (500 labelled calibration samples, 500 evaluation samples), so the
 pruned model is distilled from the original on augmented calibration samples (mixup, time shift,
 noise; ``toolchain.prune.distill``) — the default recipe's flow. For each filter ranking (relevance,
-magnitude) the model is pruned once (50% of the filters of every layer, widths rounded to multiples
-of 16) and distilled with ``--seeds`` different seeds; each result is converted to full-integer
+magnitude) the model is pruned once (50% of the filters of every layer) and distilled with ``--seeds`` different seeds; each result is converted to full-integer
 int8 TFLite and evaluated on the evaluation split. Seeds show how much of a difference is noise
 (one evaluation sample is 0.2 points).
 
@@ -69,7 +68,7 @@ def main() -> int:
     (RESULTS / "distillation.json").write_text(json.dumps({"steps": steps, "rows": rows}, indent=2))
     md = ["# Pruning + distillation: relevance vs magnitude (DS-CNN, kws01)", "",
           f"Command: `python benchmarks/distillation.py --seeds {args.seeds}`; 50% of the filters of every layer "
-          f"(widths multiples of {p['channel_multiple']}), {steps} distillation steps on the 500 calibration samples, "
+          f"(channel_multiple {p['channel_multiple']}), {steps} distillation steps on the 500 calibration samples, "
           "accuracy on the 500 evaluation samples (original float 91.4%, official int8 90.6%).", "",
           "| ranking | seed | params | pruned, before distillation | distilled (float) | int8 TFLite | int8 bytes |",
           "|---|---:|---:|---:|---:|---:|---:|"]

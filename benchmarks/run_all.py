@@ -8,7 +8,7 @@ DS-CNN (../shared, kws01: calibration = first 500 files, evaluation = last 500) 
   * magnitude filters + distill + int8 — the same flow as ours with filters ranked by L1 norm
                           instead of relevance (isolates what relevance contributes),
   * ours                — `toolchain compress` with the default recipe: relevance filter pruning
-                          (50%, channel counts in multiples of 16) + knowledge distillation from
+                          (50% of every layer's filters) + knowledge distillation from
                           the original on augmented calibration samples + int8,
   * official int8       — MLPerf Tiny's kws_ref_model_int8.tflite (DS-CNN only),
 reporting accuracy on the evaluation split, packed weight bytes, artifact bytes, gzip bytes and

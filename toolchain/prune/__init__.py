@@ -175,8 +175,8 @@ def prune(model, dataset, criterion: str = "relevance", granularity: str = "weig
     ``toolchain.prune.distill``).
     ``channel_multiple`` (filter granularity, sparsity targets): every pruned group keeps a
     multiple of this many channels (rounded to the nearest multiple, at least one multiple), the
-    most relevant ones. XNNPACK's int8 kernels are measured up to 1.5x slower at 24 or 28 channels
-    than at 32 (see README), so the default recipe uses 16.
+    most relevant ones, for kernels that prefer some channel multiple (on XNNPACK here 24 and 28
+    channels measure as fast as 32: ``benchmarks/kernel_speed.py``).
     """
     from toolchain.model_io import model_hash
     from toolchain.prune import schedule as sched_mod
