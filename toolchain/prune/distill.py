@@ -41,14 +41,14 @@ class DistillConfig:
 
     def __post_init__(self):
         problems = []
-        for name, lo, hi in (("steps", 0, None), ("batch_size", 1, None)):
+        for name, lo in (("steps", 0), ("batch_size", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 problems.append(f"{name} {v!r} is not an integer >= {lo}")
-        for name, lo, hi in (("temperature", 0.0, None), ("learning_rate", 0.0, None)):
+        for name in ("temperature", "learning_rate"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > lo:
-                problems.append(f"{name} {v!r} is not a number > {lo}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                problems.append(f"{name} {v!r} is not a number > 0")
         for name in ("mixup", "shift", "noise"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
