@@ -114,8 +114,10 @@ def main(argv=None) -> int:
         "keras_accuracy_eval": bundle.verify.reference_accuracy,
         "keras_accuracy_all": float(np.mean(keras_all == y_all)),
         "bitplan": plan.to_dict(), "rows": rows, "tflite_mixed_layers": mixed_layers, "notes": notes,
-        "mcu": ({"flash_bytes": bundle.mcu.flash_bytes, "arena_bytes": bundle.mcu.arena.arena_bytes,
-                 "planned_bytes": bundle.mcu.arena.planned_bytes, "ops": list(bundle.mcu.ops)}
+        "mcu": ({"flash_bytes": bundle.mcu.flash_bytes, "arena_bytes": bundle.mcu.arena_bytes,
+                 "estimate_bytes": bundle.mcu.arena.arena_bytes,
+                 "planned_bytes": bundle.mcu.arena.planned_bytes, "ops": list(bundle.mcu.ops),
+                 "tflite_micro": bundle.mcu.micro.to_dict() if bundle.mcu.micro is not None else None}
                 if bundle.mcu is not None else None),
         "int8_gap_points": gap, "max_gap_points": MAX_GAP_POINTS, "export_seconds": round(seconds, 1),
         "versions": _versions(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -170,9 +172,16 @@ def markdown(r: dict) -> str:
                      f"{_pct(row['accuracy_all'])} | {row['agreement']:.3f} | {md} | {mn} |")
     if r.get("mcu"):
         m = r["mcu"]
-        lines += ["", f"MCU bundle (from tflite-int8): flash {m['flash_bytes']:,} bytes, tensor arena estimate "
-                      f"{m['arena_bytes']:,} bytes (greedy plan {m['planned_bytes']:,} + persistent estimate + 10%), "
-                      f"ops: {', '.join(m['ops'])}."]
+        lines += ["", f"MCU bundle (from tflite-int8): flash {m['flash_bytes']:,} bytes, tensor arena "
+                      f"{m['arena_bytes']:,} bytes (estimate {m.get('estimate_bytes', m['arena_bytes']):,}: greedy plan "
+                      f"{m['planned_bytes']:,} + persistent estimate + 10%), ops: {', '.join(m['ops'])}."]
+        t = m.get("tflite_micro")
+        if t:
+            lines += ["", f"The bundle's model in tflite-micro {t['version']} (reference kernels, this host): accuracy "
+                          f"{_pct(t['micro_accuracy'])} on {t['samples']} eval samples vs TFLite {_pct(t['tflite_accuracy'])}; "
+                          f"top-1 agreement with TFLite {t['top1_agreement']:.1%}, largest output difference "
+                          f"{t['max_abs_diff_steps']} int8 steps (TFLite's XNNPACK rounds differently from the reference "
+                          f"kernels); smallest arena that runs {t['arena_min_bytes']:,} bytes (64-bit host)."]
     if r.get("int8_gap_points") is not None:
         lines += ["", f"Check: tflite-int8 is {r['int8_gap_points']:.2f} points from the official int8 model on "
                       f"the eval split (limit {r['max_gap_points']})."]

@@ -60,7 +60,13 @@ def test_build_contents(build, digits_model):
     assert summary["prune"]["params_after"] < summary["prune"]["params_before"]
     distilled = summary["prune"]["settings"]["distill"]
     assert distilled["config"]["steps"] == 100 and 0 <= distilled["agreement_after"] <= 1
-    assert "Knowledge distillation from the original model: 100 steps" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Knowledge distillation from the original model: 100 steps" in report
+    micro = summary["mcu"]["tflite_micro"]
+    assert micro["top1_agreement"] >= 0.95 and micro["arena_min_bytes"] > 0
+    mcu_row = next(r for r in summary["artifacts"] if r["format"] == "mcu")
+    assert mcu_row["arena_bytes"] >= micro["arena_min_bytes"]
+    assert f"run in tflite-micro {micro['version']}" in report
     assert -1 <= summary["fidelity"]["mean_correlation"] <= 1
     assert summary["versions"]["tensorflow"] == "2.14.1"
     assert file_sha256(digits_model) == before  # the input model is never modified

@@ -54,7 +54,7 @@ def library_versions() -> Dict[str, str]:
 
     out = {"python": platform.python_version()}
     for dist in ("tensorflow", "keras", "innvestigate", "tensorflow-model-optimization", "tf2onnx", "onnx",
-                 "onnxruntime", "numpy", "protobuf", "scikit-learn", "matplotlib"):
+                 "onnxruntime", "numpy", "protobuf", "scikit-learn", "matplotlib", "ai-edge-litert", "tflite-micro"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -314,7 +314,7 @@ def _artifact_rows(bundle, baseline, original, dataset, packed: Optional[int]) -
             })
     if bundle.mcu is not None:
         rows.append({"name": "compressed/mcu", "format": "mcu", "origin": "compressed",
-                     "size_bytes": int(bundle.mcu.flash_bytes), "arena_bytes": int(bundle.mcu.arena.arena_bytes)})
+                     "size_bytes": int(bundle.mcu.flash_bytes), "arena_bytes": int(bundle.mcu.arena_bytes)})
     return rows
 
 

@@ -55,7 +55,18 @@ def sections(summary: Mapping) -> List[dict]:
     out = []
     art = summary.get("artifacts", [])
     if art:
-        out.append({"title": "Artifacts", "text": summary.get("artifacts_note", ""),
+        text = summary.get("artifacts_note", "")
+        micro = (summary.get("mcu") or {}).get("tflite_micro")
+        if micro:
+            acc = "–" if micro["micro_accuracy"] is None else f"{micro['micro_accuracy']:.2%}"
+            tfl = "–" if micro["tflite_accuracy"] is None else f"{micro['tflite_accuracy']:.2%}"
+            text = (text + " " if text else "") + (
+                f"The MCU bundle's model, run in tflite-micro {micro['version']} (its reference kernels, on this "
+                f"host) on the first {micro['samples']} evaluation samples: accuracy {acc} (TFLite on the same "
+                f"samples: {tfl}), top-1 agreement with TFLite {micro['top1_agreement']:.1%}, smallest arena "
+                f"that runs {micro['arena_min_bytes']:,} B (64-bit host; the MCU arena column is the larger of "
+                "this and the estimate).")
+        out.append({"title": "Artifacts", "text": text,
                     "headers": [c[1] for c in ARTIFACT_COLUMNS],
                     "rows": [[_cell(r, k, f) for k, _, f in ARTIFACT_COLUMNS] for r in art], "plots": []})
     rel = summary.get("relevance")

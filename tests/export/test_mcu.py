@@ -5,11 +5,13 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
+
 import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from tests.export.helpers import calib, pruned_copy, small_cnn  # noqa: E402
+from tests.export.helpers import calib, digits, pruned_copy, small_cnn  # noqa: E402
 from toolchain.errors import ConversionError  # noqa: E402
 from toolchain.export.artifact import sha256_file  # noqa: E402
 from toolchain.export.flatbuffer import read_flatbuffer  # noqa: E402
@@ -153,3 +155,57 @@ def test_model_data_compiles_for_cortex_m4(bundle, int8_tflite, tmp_path):
     size = subprocess.run(["arm-none-eabi-size", str(obj)], capture_output=True, text=True, check=True).stdout
     text = int(size.splitlines()[1].split()[0])
     assert text >= int8_tflite.size_bytes  # the whole flatbuffer is in flash (.rodata counts as text)
+
+
+# -- the bundle's model run in tflite-micro itself ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checked(int8_tflite, tmp_path_factory):
+    pytest.importorskip("tflite_micro")
+    ds = digits()
+    return write_mcu_bundle(int8_tflite.path, tmp_path_factory.mktemp("mcu_checked") / "mcu", "small_cnn",
+                            check_x=ds.x_eval, check_y=ds.y_eval)
+
+
+def test_bundle_runs_in_tflite_micro_like_tflite(checked, int8_tflite):
+    from toolchain.export.tflite_backend import TfliteRunner
+
+    m = checked.micro
+    ds = digits()
+    assert m.samples == min(200, len(ds.x_eval))
+    assert m.top1_agreement >= 0.95
+    tflite_acc = float((TfliteRunner(int8_tflite.path)(ds.x_eval[:m.samples]).argmax(-1)
+                        == ds.y_eval[:m.samples]).mean())
+    assert m.tflite_accuracy == pytest.approx(tflite_acc)
+    assert abs(m.micro_accuracy - tflite_acc) <= 1 - m.top1_agreement + 1e-9
+    manifest = json.loads((checked.out_dir / "manifest.json").read_text())
+    assert manifest["tflite_micro"]["top1_agreement"] == m.top1_agreement
+    assert manifest["tflite_micro"]["arena_min_bytes"] == m.arena_min_bytes
+
+
+def test_tflite_micro_arena_is_the_smallest_that_runs(checked, int8_tflite):
+    from tflite_micro.python.tflite_micro import runtime
+
+    from toolchain.export import micro
+
+    data = open(int8_tflite.path, "rb").read()
+    x_q = np.zeros(tuple(runtime.Interpreter.from_bytes(data).get_input_details(0)["shape"]), np.int8)
+    n = checked.micro.arena_min_bytes
+    assert n % 16 == 0 and n > 0
+    with micro._quiet_native():
+        assert micro._runs(runtime, data, n, x_q)
+        assert not micro._runs(runtime, data, n - 16, x_q)
+    # the arena to pass covers both the estimate and what tflite-micro measurably needs
+    assert checked.arena_bytes == max(checked.arena.arena_bytes, n)
+    manifest = json.loads((checked.out_dir / "manifest.json").read_text())
+    assert manifest["sizes"]["arena_bytes"] == checked.arena_bytes
+
+
+def test_disagreement_with_tflite_is_refused(int8_tflite, tmp_path, monkeypatch):
+    from toolchain.export import micro
+
+    pytest.importorskip("tflite_micro")
+    monkeypatch.setattr(micro, "MIN_AGREEMENT", 1.01)  # nothing can agree on more than 100%
+    with pytest.raises(ConversionError, match="tflite-micro"):
+        write_mcu_bundle(int8_tflite.path, tmp_path / "mcu", "small_cnn", check_x=calib(20))
+    assert not (tmp_path / "mcu" / "manifest.json").exists()

@@ -3,10 +3,11 @@ runtime, plus a microcontroller bundle.
 
     bundle = export(model, dataset, ["tflite-int8", "tflite-mixed", "onnx-fp32", "mcu"], "out/",
                     bitplan=plan)
-    bundle.artifacts["tflite-int8"].path, bundle.verify.table(), bundle.mcu.arena.arena_bytes
+    bundle.artifacts["tflite-int8"].path, bundle.verify.table(), bundle.mcu.arena_bytes
 
 ``export`` converts every requested format into a staging directory, runs every artifact on the
-evaluation split (:func:`toolchain.verify.verify`), and only then renames the staging directory
+evaluation split (:func:`toolchain.verify.verify`; the MCU bundle's model also in tflite-micro
+itself, :mod:`toolchain.export.micro`), and only then renames the staging directory
 to ``out_dir`` (``toolchain.outdir.staged_output``). A conversion or verification failure raises
 and leaves ``out_dir`` as it was: a failing artifact is never written as a final output.
 
@@ -121,8 +122,12 @@ class ExportBundle:
             c = self.verify[fmt]
             rows.append(f"{fmt:16s} {a.size_bytes:9d} {c.accuracy:9.4f} {c.agreement:7.4f}  {Path(a.path).name}")
         if self.mcu is not None:
-            rows.append(f"{'mcu':16s} {self.mcu.flash_bytes:9d} {'':>9s} {'':>7s}  mcu/ "
-                        f"(arena {self.mcu.arena.arena_bytes} B, {len(self.mcu.ops)} ops)")
+            m = self.mcu.micro
+            acc = f"{m.micro_accuracy:9.4f}" if m is not None and m.micro_accuracy is not None else f"{'':>9s}"
+            measured = (f"; in tflite-micro: top-1 = TFLite on {m.top1_agreement:.1%} of {m.samples}, "
+                        f"smallest arena {m.arena_min_bytes} B on this 64-bit host") if m is not None else ""
+            rows.append(f"{'mcu':16s} {self.mcu.flash_bytes:9d} {acc} {'':>7s}  mcu/ "
+                        f"(arena {self.mcu.arena_bytes} B, {len(self.mcu.ops)} ops{measured})")
         return "\n".join(rows)
 
 
@@ -246,7 +251,8 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
         if MCU in requested:
             from toolchain.export.mcu import write_mcu_bundle
 
-            mcu = write_mcu_bundle(staged[mcu_source].path, stage / "mcu", base, mcu_source)
+            mcu = write_mcu_bundle(staged[mcu_source].path, stage / "mcu", base, mcu_source,
+                                   check_x=dataset.x_eval, check_y=dataset.y_eval)
         final = {fmt: replace(a, path=out_dir / Path(a.path).name) for fmt, a in staged.items()}
         if mcu is not None:
             mcu = replace(mcu, out_dir=out_dir / "mcu",

@@ -1,0 +1,170 @@
+"""Run the MCU bundle's model in tflite-micro itself, on this host.
+
+The ``tflite-micro`` Python package wraps tflite-micro's C++ interpreter with its reference kernels,
+the code a microcontroller build compiles (CMSIS-NN swaps in faster kernels with the same
+arithmetic). ``check_in_micro`` runs the bundle's flatbuffer through it on evaluation samples and
+records:
+
+* top-1 agreement and the largest output difference (in int8 steps) against TFLite's interpreter
+  on the same file. They are not bit-identical: TFLite's default XNNPACK delegate rounds
+  requantization differently from the reference kernels (measured on the MLPerf Tiny DS-CNN int8
+  model: up to 22 steps apart on the output, 99.0% top-1 agreement; TFLite without XNNPACK is
+  within 1 step of tflite-micro). So the accuracy a microcontroller gives is ``micro_accuracy``,
+  not the TFLite figure;
+* the smallest tensor arena with which tflite-micro allocates and runs the model, found by
+  bisection. This host build has 64-bit pointers, so its persistent structures are larger than on a
+  32-bit Cortex-M: the figure is an upper bound for the non-persistent plan plus 64-bit
+  bookkeeping, and a check on :func:`toolchain.export.mcu.estimate_arena`.
+
+A bundle whose top-1 agrees with TFLite on fewer than :data:`MIN_AGREEMENT` of the samples is
+refused: something in the graph runs differently on a microcontroller.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from toolchain.errors import ConfigError, ConversionError
+
+TFLM_REQUIREMENT = "tflite-micro==0.dev20261023182759"
+MIN_AGREEMENT = 0.95
+DEFAULT_SAMPLES = 200
+_ARENA_STEP = 16
+
+
+@dataclass(frozen=True)
+class MicroCheck:
+    version: str
+    samples: int
+    top1_agreement: float          # with TFLite's interpreter (XNNPACK) on the same file
+    max_abs_diff_steps: int        # largest output difference, in output quantization steps
+    micro_accuracy: Optional[float]
+    tflite_accuracy: Optional[float]
+    arena_min_bytes: int           # smallest arena that allocates + invokes (64-bit host build)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["runtime"] = "tflite-micro reference kernels (Python package tflite-micro, this host)"
+        d["arena_note"] = ("64-bit host build: persistent structures are larger than on a 32-bit "
+                           "microcontroller, so this bounds the arena from above for the same kernels")
+        return d
+
+
+def _runtime():
+    try:
+        from tflite_micro.python.tflite_micro import runtime
+    except ImportError as e:
+        raise ConfigError(f"tflite-micro is not installed ({e}); `pip install {TFLM_REQUIREMENT}` "
+                              "(it is in requirements.txt) to check the MCU bundle in tflite-micro") from e
+    return runtime
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tflite-micro")
+    except PackageNotFoundError:  # pragma: no cover - imported but not installed as a distribution
+        return "unknown"
+
+
+@contextlib.contextmanager
+def _quiet_native():
+    """tflite-micro reports failed allocations with printf; keep them off the user's terminal
+    while the arena bisection provokes them."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+
+
+def _runs(runtime, data: bytes, arena: int, x_q: np.ndarray) -> bool:
+    try:
+        interp = runtime.Interpreter.from_bytes(data, arena_size=int(arena))
+        interp.set_input(x_q, 0)
+        interp.invoke()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def min_arena(data: bytes, x_q: np.ndarray, upper: Optional[int] = None) -> int:
+    """Smallest arena (a multiple of 16 bytes) with which tflite-micro allocates and invokes."""
+    runtime = _runtime()
+    hi = int(upper or len(data) * 10)
+    with _quiet_native():
+        while not _runs(runtime, data, hi, x_q):
+            if hi > 1 << 30:
+                raise ConversionError("tflite-micro cannot allocate this model even with a 1 GiB arena; "
+                                      "it needs an operator or tensor type tflite-micro lacks")
+            hi *= 2
+        lo = 0  # lo fails (or is 0), hi runs
+        while hi - lo > _ARENA_STEP:
+            mid = (lo + hi) // 2 // _ARENA_STEP * _ARENA_STEP
+            if mid <= lo:
+                break
+            if _runs(runtime, data, mid, x_q):
+                hi = mid
+            else:
+                lo = mid
+    return hi
+
+
+def check_in_micro(data: bytes, x: np.ndarray, y: Optional[np.ndarray] = None,
+                   samples: int = DEFAULT_SAMPLES) -> MicroCheck:
+    """Run ``data`` (an integer-I/O ``.tflite``) in tflite-micro on the first ``samples`` float
+    inputs of ``x`` and compare with TFLite's interpreter on the same bytes."""
+    from toolchain.export.tflite_backend import TfliteRunner
+
+    runtime = _runtime()
+    n = min(int(samples), len(x))
+    if n == 0:
+        raise ConversionError("no samples to check the MCU bundle in tflite-micro; give an evaluation split")
+    x = np.asarray(x[:n], dtype=np.float32)
+    try:
+        interp = runtime.Interpreter.from_bytes(data)
+    except RuntimeError as e:
+        raise ConversionError(f"tflite-micro cannot load the MCU bundle's model ({e}); the graph uses "
+                              "something tflite-micro lacks") from e
+    ind, outd = interp.get_input_details(0), interp.get_output_details(0)
+    in_dtype, out_dtype = np.dtype(ind["dtype"]), np.dtype(outd["dtype"])
+    if in_dtype.kind not in "iu" or out_dtype.kind not in "iu":
+        raise ConversionError(f"the MCU bundle's model has {in_dtype}/{out_dtype} I/O; it needs integer I/O "
+                              "(export tflite-int8)")
+    in_scale = float(ind["quantization_parameters"]["scales"][0])
+    in_zp = int(ind["quantization_parameters"]["zero_points"][0])
+    out_scale = float(outd["quantization_parameters"]["scales"][0])
+    out_zp = int(outd["quantization_parameters"]["zero_points"][0])
+    info = np.iinfo(in_dtype)
+    x_q = np.clip(np.round(x / in_scale) + in_zp, info.min, info.max).astype(in_dtype)
+    shape = tuple(int(d) for d in ind["shape"])
+    outs = []
+    for i in range(n):
+        interp.set_input(x_q[i:i + 1].reshape(shape), 0)
+        interp.invoke()
+        outs.append(np.array(interp.get_output(0), dtype=np.float32).reshape(-1))
+    micro = (np.stack(outs) - out_zp) * out_scale
+    ref = TfliteRunner(data)(x).reshape(n, -1)
+    steps = int(np.round(np.abs(micro - ref).max() / out_scale)) if out_scale > 0 else 0
+    agreement = float((micro.argmax(-1) == ref.argmax(-1)).mean())
+    if agreement < MIN_AGREEMENT:
+        raise ConversionError(f"the MCU bundle's model gives a different top-1 in tflite-micro than in TFLite on "
+                              f"{1 - agreement:.0%} of {n} samples (largest output difference {steps} steps); "
+                              "a kernel runs differently on a microcontroller: check the graph's operators")
+    arena = min_arena(data, x_q[:1].reshape(shape))
+    acc = lambda p: None if y is None else float((p.argmax(-1) == np.asarray(y[:n])).mean())  # noqa: E731
+    return MicroCheck(_version(), n, agreement, steps, acc(micro), acc(ref), arena)
