@@ -37,6 +37,7 @@ bench-all: $(STAMP)
 	$(PY) benchmarks/pruning.py
 	$(PY) benchmarks/distillation.py
 	$(PY) benchmarks/kernel_speed.py
+	$(PY) benchmarks/tradeoff.py
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/export.py
 	$(PY) benchmarks/run_all.py

@@ -27,36 +27,55 @@ import numpy as np
 from run_all import KWS_MODEL, RESULTS, tflite_accuracy  # the script's folder is on sys.path
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=None, help="distillation steps (default: the default recipe's)")
-    args = ap.parse_args()
+def load_kws():
+    """(model, dataset) of the MLPerf Tiny DS-CNN on kws01, or None (with a message) when absent."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not KWS_MODEL.exists():
         print(f"{KWS_MODEL} is absent; set TOOLCHAIN_SHARED_DIR to the folder holding models/mlperf-tiny")
-        return 1
-    from toolchain.export import export
+        return None
     from toolchain.pipeline import load_inputs
+
+    return load_inputs(str(KWS_MODEL), "kws01")
+
+
+def prune_distill_int8(model, ds, out_dir: Path, *, criterion: str = "relevance", sparsity=None,
+                       scope: str = "layer", seed: int = 0, steps=None):
+    """The default recipe's prune + distill (only the given settings differ), then full-integer
+    int8 TFLite: returns (PruneResult, .tflite path, int8 accuracy on the evaluation split)."""
+    from toolchain.export import export
     from toolchain.prune import prune
     from toolchain.prune.distill import DistillConfig
     from toolchain.recipe import DEFAULT_RECIPE
 
     p = DEFAULT_RECIPE["prune"]
+    r = prune(model, ds, criterion=criterion, granularity="filter",
+              sparsity=p["sparsity"] if sparsity is None else sparsity, scope=scope,
+              channel_multiple=p["channel_multiple"],
+              distill=DistillConfig.from_recipe(p, steps=steps or p["distill_steps"], seed=seed), quiet=True)
+    path = export(r.model, ds, ["tflite-int8"], out_dir, quiet=True).artifacts["tflite-int8"].path
+    return r, path, tflite_accuracy(path, ds.x_eval, ds.y_eval)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=None, help="distillation steps (default: the default recipe's)")
+    args = ap.parse_args()
+    loaded = load_kws()
+    if loaded is None:
+        return 1
+    model, ds = loaded
+    from toolchain.recipe import DEFAULT_RECIPE
+
+    p = DEFAULT_RECIPE["prune"]
     steps = args.steps or p["distill_steps"]
-    model, ds = load_inputs(str(KWS_MODEL), "kws01")
     rows = []
     with tempfile.TemporaryDirectory(prefix="distill-") as tmp:
         for criterion in ("relevance", "magnitude"):
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
-                r = prune(model, ds, criterion=criterion, granularity="filter", sparsity=p["sparsity"],
-                          channel_multiple=p["channel_multiple"],
-                          distill=DistillConfig.from_recipe(p, steps=steps, seed=seed),
-                          quiet=True)
-                art = export(r.model, ds, ["tflite-int8"], Path(tmp) / f"{criterion}_{seed}", quiet=True)
-                path = art.artifacts["tflite-int8"].path
-                int8 = tflite_accuracy(path, ds.x_eval, ds.y_eval)
+                r, path, int8 = prune_distill_int8(model, ds, Path(tmp) / f"{criterion}_{seed}",
+                                                   criterion=criterion, seed=seed, steps=steps)
                 d = r.settings["distill"]
                 row = {"criterion": criterion, "seed": seed, "params": r.params_after,
                        "pruned_accuracy": r.steps[-1].accuracy, "distilled_accuracy": r.accuracy_after,
