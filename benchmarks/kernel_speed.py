@@ -2,8 +2,8 @@
 
 1. DS-CNN-shaped models (conv 10x4/2 + 4 depthwise-separable blocks + pooling + dense; random
    weights, latency does not depend on them) at several channel widths, as float32 and as
-   full-integer int8 TFLite: XNNPACK's int8 kernels are not linear in the width (hence the
-   recipe's ``channel_multiple: 16``).
+   full-integer int8 TFLite, and the first convolution alone (one width: conv + pooling + dense,
+   no blocks): where the time goes, and why narrowing below 32 channels buys little.
 2. The MLPerf Tiny DS-CNN (../shared) as int8 and as tflite-mixed (relevance plan over
    {2,3,4,5,6,8} at 4 average bits: INT4 kernels where the plan puts <= 4 bits): how much the
    INT4 path costs (hence int8 in the default recipe).
@@ -28,8 +28,9 @@ import numpy as np
 
 from run_all import KWS_MODEL, RESULTS, measure  # the script's folder is on sys.path
 
-#: (first conv, block 1..4 pointwise) channel widths
-WIDTHS = [(64,) * 5, (48,) * 5, (32,) * 5, (28,) * 5, (24,) * 5, (16, 32, 32, 32, 32)]
+#: (first conv, block 1..4 pointwise) channel widths; one width = the first conv alone
+WIDTHS = [(64,) * 5, (48,) * 5, (40,) * 5, (32,) * 5, (28,) * 5, (24,) * 5, (16, 32, 32, 32, 32),
+          (64,), (32,), (16,)]
 
 
 def ds_cnn_shape(widths, seed=0):
@@ -102,9 +103,10 @@ def main() -> int:
     md = ["# TFLite CPU latency by layer width and weight format", "",
           f"Command: `python benchmarks/kernel_speed.py --rounds {args.rounds} --runs {args.runs}`; runner p50 "
           "(1 thread, XNNPACK on, a fresh process per measurement), median over the rounds; this 2-core x86_64 VM.", "",
-          "DS-CNN-shaped models (random weights) by channel width (first conv, then the 4 pointwise convs):", "",
+          "DS-CNN-shaped models (random weights) by channel width (first conv, then the 4 pointwise convs; "
+          "one width: the first conv alone, with pooling and the dense layer):", "",
           "| widths | float32 B | float32 p50 ms | int8 B | int8 p50 ms |", "|---|---:|---:|---:|---:|"]
-    md += [f"| {'-'.join(map(str, r['widths']))} | {r['fp32_bytes']:,} | {r['fp32_p50_ms']:.4f} | {r['int8_bytes']:,} | "
+    md += [f"| {'-'.join(map(str, r['widths'])) + (' (first conv only)' if len(r['widths']) == 1 else '')} | {r['fp32_bytes']:,} | {r['fp32_p50_ms']:.4f} | {r['int8_bytes']:,} | "
            f"{r['int8_p50_ms']:.4f} |" for r in widths]
     if formats:
         md += ["", "MLPerf Tiny DS-CNN, unpruned (tflite-mixed: relevance plan over {2,3,4,5,6,8} at 4 average bits, "

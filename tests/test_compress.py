@@ -55,6 +55,14 @@ def test_build_contents(build, digits_model):
         if row["format"] != "mcu":
             assert 0.5 < row["accuracy"] <= 1 and row["p50_ms"] > 0 and row["gzip_bytes"] > 0
     mixed = next(r for r in summary["artifacts"] if r["format"] == "tflite-mixed")
+    # the default float_layers: [first] keeps the first kernel layer in float in tflite-mixed only
+    plan = summary["quantize"]["plan"]
+    (first,) = plan["notes"]["float_layers"]
+    assert plan["layers"][first]["weight_bits"] == plan["layers"][first]["activation_bits"] == 32
+    exported = json.loads((out / "artifacts" / "export.json").read_text())["artifacts"]
+    assert exported["tflite-mixed"]["metadata"]["float_layers"] == [first]
+    assert exported["tflite-mixed"]["metadata"]["layers"][first]["weight_type"] == "FLOAT32"
+    assert exported["tflite-int8"]["metadata"].get("float_layers") in (None, [])
     base = next(r for r in summary["artifacts"] if r["origin"] == "baseline")
     assert mixed["size_bytes"] < base["size_bytes"] / 3
     assert summary["prune"]["params_after"] < summary["prune"]["params_before"]

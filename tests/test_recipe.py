@@ -20,7 +20,7 @@ def test_partial_recipe_merges_over_defaults():
 def test_all_problems_reported_at_once_with_key_paths():
     bad = {"prune": {"sparsity": 1.5, "granularity": "neuron", "colour": "red", "distill_steps": -5,
                      "channel_multiple": 0, "distill_temperature": 0},
-           "quantize": {"bits": [], "budget": "avg-bits=-1", "qat_epochs": "3"},
+           "quantize": {"bits": [], "budget": "avg-bits=-1", "qat_epochs": "3", "float_layers": "first"},
            "bench": {"target": "ftp://pi", "threads": [0]},
            "relevance": {"rule": "lrp.nope", "samples": True},
            "deploy": {}}
@@ -30,7 +30,7 @@ def test_all_problems_reported_at_once_with_key_paths():
     for fragment in ["prune.sparsity: 1.5 is not a number in [0, 1)", "prune.granularity: 'neuron'",
                      "prune.colour: unknown key", "prune.distill_steps: -5", "prune.channel_multiple: 0",
                      "prune.distill_temperature: 0", "quantize.bits: []", "quantize.budget: 'avg-bits=-1'",
-                     "quantize.qat_epochs: '3' is a str", "bench.target: 'ftp://pi'", "bench.threads: [0]",
+                     "quantize.qat_epochs: '3' is a str", "quantize.float_layers: 'first' is a str", "bench.target: 'ftp://pi'", "bench.threads: [0]",
                      "relevance.rule: 'lrp.nope'", "relevance.samples: True is a bool", "deploy: unknown stage"]:
         assert fragment in msg, fragment
 
@@ -49,3 +49,12 @@ def test_recipe_files(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_recipe(str(listy))
+
+
+def test_float_layers_need_a_mixed_artifact():
+    # the default keeps the first layer in float in tflite-mixed; a recipe that exports no mixed
+    # artifact simply gets none, but asking for float layers without one is an error
+    assert validate({"export": {"formats": ["tflite-int8"]}})["quantize"]["float_layers"] == ["first"]
+    with pytest.raises(ConfigError, match="quantize.float_layers: only the tflite-mixed"):
+        validate({"quantize": {"float_layers": ["conv2d"]}, "export": {"formats": ["tflite-int8"]}})
+    assert validate({"quantize": {"float_layers": []}})["quantize"]["float_layers"] == []

@@ -140,11 +140,12 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
 
 def _quantize(model, dataset, recipe, m_hash, d_hash, quiet):
     from toolchain import stagecache
-    from toolchain.quantize import plan_bits, quantize
+    from toolchain.quantize import keep_float, plan_bits, quantize
     from toolchain.quantize.bitplan import BitPlan
 
     q = recipe["quantize"]
-    settings = {k: q[k] for k in ("allocator", "bits", "budget", "granularity", "group_size", "qat_epochs")}
+    settings = {k: q[k] for k in ("allocator", "bits", "budget", "granularity", "group_size", "qat_epochs",
+                                  "float_layers")}
     entry = stagecache.key("quantize", m_hash, d_hash, settings, recipe["relevance"])
     hit = stagecache.get(entry)
     if hit is not None:
@@ -153,6 +154,7 @@ def _quantize(model, dataset, recipe, m_hash, d_hash, quiet):
                      budget=None if q["allocator"] == "uniform" and len(q["bits"]) == 1 else q["budget"],
                      granularity=q["granularity"], group_size=q["group_size"], rule=recipe["relevance"]["rule"],
                      calibration_samples=recipe["relevance"]["samples"], quiet=quiet)
+    plan = keep_float(plan, model, q["float_layers"])
     result = quantize(model, plan, dataset, qat_epochs=q["qat_epochs"],
                       calibration_samples=recipe["relevance"]["samples"], quiet=quiet).to_dict()
     result.pop("history", None)

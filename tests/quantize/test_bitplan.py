@@ -4,7 +4,7 @@ import json
 import pytest
 
 from toolchain.errors import ConfigError
-from toolchain.quantize.bitplan import BitPlan, LayerBits
+from toolchain.quantize.bitplan import BitPlan, LayerBits, keep_float
 
 
 def _plan():
@@ -40,3 +40,26 @@ def test_malformed(tmp_path):
         BitPlan.load(p)
     with pytest.raises(ConfigError, match="does not exist"):
         BitPlan.load(tmp_path / "none.json")
+
+
+class _Layer:
+    def __init__(self, name):
+        self.name = name
+
+
+class _Model:
+    layers = [_Layer("input"), _Layer("conv"), _Layer("relu"), _Layer("fc")]
+
+
+def test_keep_float_first_and_named_layers():
+    plan = _plan()
+    first = keep_float(plan, _Model(), ["first"])
+    assert first.layers["conv"] == LayerBits(32, 32, None, None, 20, 720)  # groups dropped: all float
+    assert first.layers["fc"] == plan.layers["fc"]
+    assert first.notes["float_layers"] == ["conv"] and first.notes["solver"] == "exact DP"
+    both = keep_float(plan, _Model(), ["fc", "first", "fc"])
+    assert both.notes["float_layers"] == ["fc", "conv"]
+    assert both.layers["fc"].weight_bits == both.layers["fc"].activation_bits == 32
+    assert keep_float(plan, _Model(), []) is plan
+    with pytest.raises(ConfigError, match="'dense' are not kernel layers of the plan; use 'first' or one of: conv, fc"):
+        keep_float(plan, _Model(), ["dense"])

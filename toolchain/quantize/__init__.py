@@ -24,14 +24,14 @@ import numpy as np
 from toolchain.errors import ConfigError, DataError
 from toolchain.quantize.allocators import (ALLOCATORS, DEFAULT_GROUP_SIZE, DEFAULT_WEIGHTING, GRANULARITIES,
                                            WEIGHTINGS, AllocationProblem, allocator_key)
-from toolchain.quantize.bitplan import ALLOWED_ACTIVATION_BITS, ALLOWED_WEIGHT_BITS, BitPlan, LayerBits
+from toolchain.quantize.bitplan import ALLOWED_ACTIVATION_BITS, ALLOWED_WEIGHT_BITS, BitPlan, LayerBits, keep_float
 from toolchain.quantize.budget import Budget, parse_bits, parse_budget
 from toolchain.quantize.size import SizeReport, artifact_sizes, plan_size
 
 __all__ = ["plan_bits", "quantize", "QuantizeResult", "BitPlan", "LayerBits", "ALLOCATORS", "Budget",
            "SizeReport", "artifact_sizes", "plan_size", "parse_budget", "parse_bits", "build_qat_model",
            "load_qat_model", "DEFAULT_CANDIDATES", "DEFAULT_GROUP_SIZE", "WEIGHTINGS", "ALLOWED_WEIGHT_BITS",
-           "ALLOWED_ACTIVATION_BITS"]
+           "ALLOWED_ACTIVATION_BITS", "keep_float"]
 
 DEFAULT_CANDIDATES = (2, 4, 8)
 DEFAULT_LEARNING_RATE = 1e-4

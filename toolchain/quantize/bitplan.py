@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from toolchain.errors import ConfigError
 
@@ -18,6 +18,9 @@ from toolchain.errors import ConfigError
 #: with only 2**b levels used (see the export stage)
 ALLOWED_WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 ALLOWED_ACTIVATION_BITS = (8, 16, 32)  # 32 = keep this layer in float
+FLOAT = 32
+#: ``keep_float`` name for the model's first kernel layer
+FIRST = "first"
 BITPLAN_VERSION = 1
 
 
@@ -134,3 +137,32 @@ class BitPlan:
                 parts.append(f"layers without a kernel: {', '.join(no_kernel)}")
             raise ConfigError("bit plan does not fit the model (" + "; ".join(parts) +
                               "); make the plan for this model")
+
+
+def keep_float(plan: BitPlan, model, layers: Sequence[str]) -> BitPlan:
+    """``plan`` with ``layers`` kept in float (weights and activations at 32 bits): TFLite's
+    selective quantization (``QuantizationDebugger`` denylist, the ``tflite-mixed`` export's
+    ``ptq_denylist`` route). ``"first"`` names the model's first kernel layer: XNNPACK's int8
+    convolution over a one-channel input is slower than the float one (DS-CNN's 10x4 first conv at
+    32 channels: 4.9 vs 3.1 us, ``benchmarks/kernel_speed.py``). Float layers are outside the
+    plan's budget; the plan's notes list them."""
+    if not layers:
+        return plan
+    kernels = [l.name for l in model.layers if l.name in plan.layers]
+    names, unknown = [], []
+    for n in layers:
+        if n == FIRST:
+            if kernels:
+                names.append(kernels[0])
+        elif n in plan.layers:
+            names.append(n)
+        else:
+            unknown.append(n)
+    if unknown:
+        raise ConfigError(f"float layer(s) {', '.join(map(repr, unknown))} are not kernel layers of the plan; "
+                          f"use {FIRST!r} or one of: {', '.join(kernels)}")
+    new = dict(plan.layers)
+    for n in dict.fromkeys(names):
+        new[n] = replace(new[n], weight_bits=FLOAT, activation_bits=FLOAT, group_bits=None, group_size=None)
+    notes = {**plan.notes, "float_layers": list(dict.fromkeys(names))}
+    return replace(plan, layers=new, notes=notes)
