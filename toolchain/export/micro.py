@@ -60,7 +60,7 @@ def _runtime():
         from tflite_micro.python.tflite_micro import runtime
     except ImportError as e:
         raise ConfigError(f"tflite-micro is not installed ({e}); `pip install {TFLM_REQUIREMENT}` "
-                              "(it is in requirements.txt) to check the MCU bundle in tflite-micro") from e
+                          "(it is in requirements.txt) to check the MCU bundle in tflite-micro") from e
     return runtime
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from toolchain.errors import ConfigError
+from toolchain.quantize.kernels import FLOAT_BITS
 
 #: weight widths a plan may name; widths TFLite/ORT cannot store go as the next storable width
 #: with only 2**b levels used (see the export stage)
 ALLOWED_WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 ALLOWED_ACTIVATION_BITS = (8, 16, 32)  # 32 = keep this layer in float
-FLOAT = 32
 #: ``keep_float`` name for the model's first kernel layer
 FIRST = "first"
 BITPLAN_VERSION = 1
@@ -163,6 +163,6 @@ def keep_float(plan: BitPlan, model, layers: Sequence[str]) -> BitPlan:
                           f"use {FIRST!r} or one of: {', '.join(kernels)}")
     new = dict(plan.layers)
     for n in dict.fromkeys(names):
-        new[n] = replace(new[n], weight_bits=FLOAT, activation_bits=FLOAT, group_bits=None, group_size=None)
+        new[n] = replace(new[n], weight_bits=FLOAT_BITS, activation_bits=FLOAT_BITS, group_bits=None, group_size=None)
     notes = {**plan.notes, "float_layers": list(dict.fromkeys(names))}
     return replace(plan, layers=new, notes=notes)
