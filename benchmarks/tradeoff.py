@@ -6,10 +6,11 @@ float32 TFLite and within 1 point of the official int8 on the kws01 evaluation s
 three is reachable alone; this benchmark shows where they conflict. For every configuration
 (relevance filter pruning at a sparsity, per layer or with one global ranking) and every seed, the
 model is pruned and distilled with the default recipe's settings (only sparsity/scope change),
-converted to full-integer int8 TFLite and evaluated on the evaluation split. Latency is the paired
-speed-up against the float32 TFLite of the original model (``run_all.paired_speedup``: fresh
-runner processes, interleaved rounds, 1 thread, XNNPACK), measured on the first seed's artifact
-(seeds change weights, not shapes).
+converted to full-integer int8 TFLite and to the default recipe's headline artifact (tflite-mixed:
+int8 with the first conv kept in float, ``quantize.float_layers: [first]``), and evaluated on the
+evaluation split. Latency is the paired speed-up against the float32 TFLite of the original model
+(``run_all.paired_speedup``: fresh runner processes, interleaved rounds, 1 thread, XNNPACK),
+measured on the first seed's artifacts (seeds change weights, not shapes).
 
     python benchmarks/tradeoff.py [--seeds 2] [--steps 8000]
 
@@ -57,31 +58,50 @@ def main() -> int:
         work = Path(tmp)
         fp32 = export(model, ds, ["tflite-fp32"], work / "fp32", quiet=True).artifacts["tflite-fp32"].path
         for label, sparsity, scope in CONFIGS:
-            accs, first = [], None
+            accs, mixed_accs, first = [], [], None
             t0 = time.perf_counter()
             for seed in range(args.seeds):
-                r, path, acc = prune_distill_int8(model, ds, work / f"{sparsity}_{scope}_{seed}", sparsity=sparsity,
-                                                  scope=scope, seed=seed, steps=steps)
+                out = work / f"{sparsity}_{scope}_{seed}"
+                r, path, acc = prune_distill_int8(model, ds, out, sparsity=sparsity, scope=scope, seed=seed,
+                                                  steps=steps)
+                mixed = float_first(r.model, ds, out / "mixed")
                 accs.append(acc)
+                mixed_accs.append(tflite_accuracy(mixed, ds.x_eval, ds.y_eval))
                 if first is None:
-                    first = (path, r)
-            path, r = first
+                    first = (path, mixed, r)
+            path, mixed, r = first
             widths = [int(l.filters) for l in r.model.layers if type(l).__name__ == "Conv2D"]
             speed = paired_speedup(fp32, path, "kws01", args.runs, work / f"pair_{sparsity}_{scope}")
+            mspeed = paired_speedup(fp32, mixed, "kws01", args.runs, work / f"pairm_{sparsity}_{scope}")
             row = {"config": label, "sparsity": sparsity, "scope": scope, "conv_widths": widths,
                    "params": r.params_after, "bytes": Path(path).stat().st_size, "int8_accuracy": accs,
                    "speedup": speed["speedup"], "p50_ms": speed["candidate_p50_ms"],
-                   "fp32_p50_ms": speed["baseline_p50_ms"], "seconds": time.perf_counter() - t0}
+                   "fp32_p50_ms": speed["baseline_p50_ms"],
+                   "mixed_bytes": Path(mixed).stat().st_size, "mixed_accuracy": mixed_accs,
+                   "mixed_speedup": mspeed["speedup"], "mixed_p50_ms": mspeed["candidate_p50_ms"],
+                   "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            shutil.rmtree(work / f"pair_{sparsity}_{scope}", ignore_errors=True)
+            for d in (f"pair_{sparsity}_{scope}", f"pairm_{sparsity}_{scope}"):
+                shutil.rmtree(work / d, ignore_errors=True)
     write({"steps": steps, "seeds": args.seeds, "official_int8_accuracy": official, "rows": rows})
     return 0
 
 
-def _meets(row, official) -> dict:
-    acc = float(np.mean(row["int8_accuracy"]))
-    return {"bytes": row["bytes"] <= TARGET_BYTES, "speedup": row["speedup"] >= TARGET_SPEEDUP,
+def float_first(model, ds, out_dir: Path) -> Path:
+    """The default recipe's headline artifact for ``model``: tflite-mixed from a uniform int8 plan
+    with the first kernel layer kept in float."""
+    from toolchain.export import export
+    from toolchain.quantize import keep_float, plan_bits
+
+    plan = keep_float(plan_bits(model, ds, allocator="uniform", candidates=(8,), quiet=True), model, ["first"])
+    return export(model, ds, ["tflite-mixed"], out_dir, bitplan=plan, quiet=True).artifacts["tflite-mixed"].path
+
+
+def _meets(row, official, prefix="") -> dict:
+    acc = float(np.mean(row[f"{prefix or 'int8_'}accuracy"]))
+    size = row[f"{prefix}bytes"]
+    return {"bytes": size <= TARGET_BYTES, "speedup": row[f"{prefix}speedup"] >= TARGET_SPEEDUP,
             "accuracy": official is not None and official - acc <= TARGET_ACC_GAP + 1e-9}
 
 
@@ -95,15 +115,21 @@ def write(results: dict) -> None:
           "accuracy on the 500 evaluation samples (one sample = 0.2 points), speed-up paired against the "
           "float32 TFLite (1 thread, XNNPACK). Targets: <= 27,000 B, >= 2.5x, accuracy >= official int8 "
           f"{'?' if official is None else f'{official:.1%}'} - 1 point.", "",
-          "| configuration | conv widths | params | int8 bytes | speed-up | int8 accuracy (mean; per seed) | targets met |",
-          "|---|---|---:|---:|---:|---:|---|"]
+          "| configuration | conv widths | params | artifact | bytes | speed-up | accuracy (mean; per seed) | targets met |",
+          "|---|---|---:|---|---:|---:|---:|---|"]
+    all_three = []
     for r in results["rows"]:
-        ok = _meets(r, official)
-        acc = ", ".join(f"{a:.1%}" for a in r["int8_accuracy"])
-        met = ", ".join(k for k, v in ok.items() if v) or "none"
-        md.append(f"| {r['config']} | {'-'.join(map(str, r['conv_widths']))} | {r['params']:,} | {r['bytes']:,} | "
-                  f"{r['speedup']:.2f}x | {np.mean(r['int8_accuracy']):.1%}; {acc} | {met} |")
-    all_three = [r["config"] for r in results["rows"] if all(_meets(r, official).values())]
+        for prefix, artifact in (("", "int8"), ("mixed_", "int8, first conv float (default)")):
+            if f"{prefix}bytes" not in r:
+                continue
+            ok = _meets(r, official, prefix)
+            accs = r[f"{prefix or 'int8_'}accuracy"]
+            met = ", ".join(k for k, v in ok.items() if v) or "none"
+            if all(ok.values()):
+                all_three.append(f"{r['config']} ({artifact})")
+            md.append(f"| {r['config']} | {'-'.join(map(str, r['conv_widths']))} | {r['params']:,} | {artifact} | "
+                      f"{r[f'{prefix}bytes']:,} | {r[f'{prefix}speedup']:.2f}x | {np.mean(accs):.1%}; "
+                      f"{', '.join(f'{a:.1%}' for a in accs)} | {met} |")
     md += ["", "Configurations meeting all three targets: " + (", ".join(all_three) or "none") + "."]
     (RESULTS / "tradeoff.md").write_text("\n".join(md) + "\n")
     _plot(results)
@@ -116,14 +142,17 @@ def _plot(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     for r in results["rows"]:
-        acc = 100 * np.array(r["int8_accuracy"])
-        color = "tab:green" if r["bytes"] <= TARGET_BYTES else "tab:orange"
-        ax.errorbar(r["speedup"], acc.mean(), yerr=[[acc.mean() - acc.min()], [acc.max() - acc.mean()]],
-                    fmt="o", color=color, capsize=3)
-        ax.annotate(f"{r['config']}\n{r['bytes']:,} B", (r["speedup"], acc.mean()), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+        for prefix, marker in (("", "o"), ("mixed_", "s")):
+            if f"{prefix}bytes" not in r:
+                continue
+            acc = 100 * np.array(r[f"{prefix or 'int8_'}accuracy"])
+            color = "tab:green" if r[f"{prefix}bytes"] <= TARGET_BYTES else "tab:orange"
+            ax.errorbar(r[f"{prefix}speedup"], acc.mean(), yerr=[[acc.mean() - acc.min()], [acc.max() - acc.mean()]],
+                        fmt=marker, color=color, capsize=3)
+            ax.annotate(f"{r['config'].replace(' (default)', '')}\n{r[f'{prefix}bytes']:,} B",
+                        (r[f"{prefix}speedup"], acc.mean()), fontsize=6, xytext=(4, 4), textcoords="offset points")
     official = results["official_int8_accuracy"]
     if official is not None:
         ax.axhline(100 * (official - TARGET_ACC_GAP), color="tab:red", ls="--", lw=1,
@@ -131,6 +160,8 @@ def _plot(results: dict) -> None:
     ax.axvline(TARGET_SPEEDUP, color="tab:blue", ls="--", lw=1, label=f"speed-up target {TARGET_SPEEDUP}x")
     ax.scatter([], [], color="tab:green", label=f"<= {TARGET_BYTES:,} B")
     ax.scatter([], [], color="tab:orange", label=f"> {TARGET_BYTES:,} B")
+    ax.scatter([], [], color="gray", marker="o", label="full-integer int8")
+    ax.scatter([], [], color="gray", marker="s", label="int8, first conv float (default)")
     ax.margins(x=0.2, y=0.15)
     lo, hi = ax.get_xlim()
     ax.set_xlim(lo, max(hi, TARGET_SPEEDUP * 1.06))
