@@ -53,7 +53,7 @@ prune:
   distill_temperature: 1.0
 quantize:
   enabled: true
-  # int8 everywhere: on XNNPACK (TFLite's default CPU path) INT4 kernels run ~3.5x slower than int8.
+  # int8: on XNNPACK (TFLite's default CPU path) INT4 kernels run 3.5-4.4x slower than int8.
   # For the smallest flash image instead: allocator: relevance, bits: [2, 3, 4, 5, 6, 8],
   # budget: avg-bits=4 and add tflite-mixed to export.formats.
   allocator: uniform       # relevance | uniform | sensitivity
