@@ -3,7 +3,6 @@ runtimes, report written, stage outputs reused on a second run, the input model 
 failed run leaving the previous complete build in place."""
 import json
 
-import numpy as np
 import pytest
 
 from toolchain.cli import main

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 from toolchain.errors import ConfigError
 from toolchain.quantize.kernels import FLOAT_BITS
