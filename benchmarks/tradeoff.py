@@ -89,12 +89,13 @@ def main() -> int:
 
 
 def float_first(model, ds, out_dir: Path) -> Path:
-    """The default recipe's headline artifact for ``model``: tflite-mixed from a uniform int8 plan
-    with the first kernel layer kept in float."""
+    """The default recipe's headline artifact for ``model``: tflite-mixed from the default recipe's
+    bit plan (uniform int8 with the first kernel layer kept in float)."""
+    from toolchain.compress import plan_from_recipe
     from toolchain.export import export
-    from toolchain.quantize import keep_float, plan_bits
+    from toolchain.recipe import DEFAULT_RECIPE
 
-    plan = keep_float(plan_bits(model, ds, allocator="uniform", candidates=(8,), quiet=True), model, ["first"])
+    plan = plan_from_recipe(model, ds, DEFAULT_RECIPE)
     return export(model, ds, ["tflite-mixed"], out_dir, bitplan=plan, quiet=True).artifacts["tflite-mixed"].path
 
 

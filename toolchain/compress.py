@@ -138,9 +138,21 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
     return result.model, summary, False
 
 
+def plan_from_recipe(model, dataset, recipe, quiet: bool = True):
+    """The ``BitPlan`` a (validated) recipe's quantize section gives ``model``, float layers included."""
+    from toolchain.quantize import keep_float, plan_bits
+
+    q = recipe["quantize"]
+    plan = plan_bits(model, dataset, allocator=q["allocator"], candidates=q["bits"],
+                     budget=None if q["allocator"] == "uniform" and len(q["bits"]) == 1 else q["budget"],
+                     granularity=q["granularity"], group_size=q["group_size"], rule=recipe["relevance"]["rule"],
+                     calibration_samples=recipe["relevance"]["samples"], quiet=quiet)
+    return keep_float(plan, model, q["float_layers"])
+
+
 def _quantize(model, dataset, recipe, m_hash, d_hash, quiet):
     from toolchain import stagecache
-    from toolchain.quantize import keep_float, plan_bits, quantize
+    from toolchain.quantize import quantize
     from toolchain.quantize.bitplan import BitPlan
 
     q = recipe["quantize"]
@@ -150,11 +162,7 @@ def _quantize(model, dataset, recipe, m_hash, d_hash, quiet):
     hit = stagecache.get(entry)
     if hit is not None:
         return BitPlan.from_dict(hit[1]["plan"]), hit[1]["result"], True
-    plan = plan_bits(model, dataset, allocator=q["allocator"], candidates=q["bits"],
-                     budget=None if q["allocator"] == "uniform" and len(q["bits"]) == 1 else q["budget"],
-                     granularity=q["granularity"], group_size=q["group_size"], rule=recipe["relevance"]["rule"],
-                     calibration_samples=recipe["relevance"]["samples"], quiet=quiet)
-    plan = keep_float(plan, model, q["float_layers"])
+    plan = plan_from_recipe(model, dataset, recipe, quiet)
     result = quantize(model, plan, dataset, qat_epochs=q["qat_epochs"],
                       calibration_samples=recipe["relevance"]["samples"], quiet=quiet).to_dict()
     result.pop("history", None)

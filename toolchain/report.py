@@ -55,12 +55,12 @@ def sections(summary: Mapping) -> List[dict]:
     out = []
     art = summary.get("artifacts", [])
     if art:
-        text = summary.get("artifacts_note", "")
+        text = ""
         micro = (summary.get("mcu") or {}).get("tflite_micro")
         if micro:
             acc = "–" if micro["micro_accuracy"] is None else f"{micro['micro_accuracy']:.2%}"
             tfl = "–" if micro["tflite_accuracy"] is None else f"{micro['tflite_accuracy']:.2%}"
-            text = (text + " " if text else "") + (
+            text = (
                 f"The MCU bundle's model, run in tflite-micro {micro['version']} (its reference kernels, on this "
                 f"host) on the first {micro['samples']} evaluation samples: accuracy {acc} (TFLite on the same "
                 f"samples: {tfl}), top-1 agreement with TFLite {micro['top1_agreement']:.1%}, smallest arena "
