@@ -65,6 +65,7 @@ def files(tmp_path_factory):
     (d / "a_file").write_text("I am a file")
     (d / "bad_recipe.yaml").write_text("prune: {sparsity: 1.5, colour: red}\nquantize: {bits: []}\n")
     (d / "broken_recipe.yaml").write_text("prune: [unclosed\n")
+    (d / "float_recipe.yaml").write_text("quantize: {float_layers: [no_such_conv]}\n")
     (d / "bitplan.json").write_text('{"version": 1, "layers": {"no_such_layer": {"weight_bits": 4}}}')
     ro = d / "read_only"
     ro.mkdir()
@@ -111,6 +112,8 @@ CASES = {
                               "prune.sparsity: 1.5"),
     "recipe not yaml": ("compress --model {d}/good.keras --data digits --recipe {d}/broken_recipe.yaml --out {out}",
                         "not valid YAML"),
+    "unknown float layer": ("compress --model {d}/good.keras --data digits --recipe {d}/float_recipe.yaml "
+                            "--out {out}", "no_such_conv"),
     "missing recipe": ("compress --model {d}/good.keras --data digits --recipe {d}/nope.yaml --out {out}",
                        "does not exist"),
     "bad compress target": ("compress --model {d}/good.keras --data digits --target ftp://pi --out {out}", "ftp://pi"),

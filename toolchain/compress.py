@@ -203,6 +203,13 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
     if dataset.x_eval is None:
         raise ConfigError(f"dataset {data_spec!r} has no evaluation split; compress needs one to verify "
                           "artifacts (npz: add x_eval and y_eval)")
+    if recipe["quantize"]["enabled"] and recipe["quantize"]["float_layers"]:
+        from toolchain.quantize.bitplan import resolve_float_layers
+        from toolchain.quantize.kernels import KERNEL_ATTRS
+
+        # filter pruning keeps layer names, so the original model's kernels are the ones to name
+        resolve_float_layers(recipe["quantize"]["float_layers"],
+                             [l.name for l in model.layers if type(l).__name__ in KERNEL_ATTRS])
     if recipe["bench"]["enabled"]:
         from deploy.targets import resolve_target
 

@@ -61,5 +61,5 @@ def test_keep_float_first_and_named_layers():
     assert both.notes["float_layers"] == ["fc", "conv"]
     assert both.layers["fc"].weight_bits == both.layers["fc"].activation_bits == 32
     assert keep_float(plan, _Model(), []) is plan
-    with pytest.raises(ConfigError, match="'dense' are not kernel layers of the plan; use 'first' or one of: conv, fc"):
+    with pytest.raises(ConfigError, match="'dense' are not kernel layers of the model; use 'first' or one of: conv, fc"):
         keep_float(plan, _Model(), ["dense"])

@@ -148,21 +148,19 @@ def keep_float(plan: BitPlan, model, layers: Sequence[str]) -> BitPlan:
     plan's budget; the plan's notes list them."""
     if not layers:
         return plan
-    kernels = [l.name for l in model.layers if l.name in plan.layers]
-    names, unknown = [], []
-    for n in layers:
-        if n == FIRST:
-            if kernels:
-                names.append(kernels[0])
-        elif n in plan.layers:
-            names.append(n)
-        else:
-            unknown.append(n)
-    if unknown:
-        raise ConfigError(f"float layer(s) {', '.join(map(repr, unknown))} are not kernel layers of the plan; "
-                          f"use {FIRST!r} or one of: {', '.join(kernels)}")
+    names = resolve_float_layers(layers, [l.name for l in model.layers if l.name in plan.layers])
     new = dict(plan.layers)
-    for n in dict.fromkeys(names):
+    for n in names:
         new[n] = replace(new[n], weight_bits=FLOAT_BITS, activation_bits=FLOAT_BITS, group_bits=None, group_size=None)
-    notes = {**plan.notes, "float_layers": list(dict.fromkeys(names))}
+    notes = {**plan.notes, "float_layers": names}
     return replace(plan, layers=new, notes=notes)
+
+
+def resolve_float_layers(layers: Sequence[str], kernels: Sequence[str]) -> list:
+    """``layers`` (names or ``"first"``) as kernel layer names in order, without repeats;
+    ``ConfigError`` naming every name that is not one of ``kernels``."""
+    unknown = [n for n in layers if n != FIRST and n not in kernels]
+    if unknown:
+        raise ConfigError(f"float layer(s) {', '.join(map(repr, unknown))} are not kernel layers of the model; "
+                          f"use {FIRST!r} or one of: {', '.join(kernels)}")
+    return list(dict.fromkeys(kernels[0] if n == FIRST else n for n in layers if n != FIRST or kernels))
