@@ -13,10 +13,10 @@ DS-CNN (../shared, kws01: calibration = first 500 files, evaluation = last 500) 
   * official int8       — MLPerf Tiny's kws_ref_model_int8.tflite (DS-CNN only),
 reporting accuracy on the evaluation split, packed weight bytes, artifact bytes, gzip bytes and
 latency p50/p99 + peak RSS on this CPU (1 thread, TFLite XNNPACK and ONNX Runtime).
-The paper's experiment (VGG16 / AlexNet on Fashion-MNIST and CIFAR-10) runs when those datasets are
-in the Keras cache and is skipped with the reason otherwise.
+The paper's experiment (VGG16 / AlexNet on Fashion-MNIST and CIFAR-10, ``benchmarks/paper.py``) runs
+when those datasets are in the Keras cache and is skipped with the reason otherwise.
 
-    python benchmarks/run_all.py [--quick] [--only digits|kws]
+    python benchmarks/run_all.py [--quick] [--only digits|kws] [--skip-paper] [--paper-epochs 10]
 
 Writes benchmarks/results/run_all.{json,md,png} and updates README's results sections.
 """
@@ -95,7 +95,12 @@ def digits_model(quick: bool) -> Path:
     return path
 
 
-def run_case(name: str, model_path: Path, data_spec: str, runs: int, work: Path, official=None) -> dict:
+def run_case(name: str, model_path: Path, data_spec: str, runs: int, work: Path, official=None,
+             recipe_path=None, paired_runs=None) -> dict:
+    """Every flow on one model: float32, uniform int8, magnitude pruning + int8, magnitude filters
+    with the recipe's fine-tuning/distillation + int8, ours (``toolchain compress`` with
+    ``recipe_path``, default recipe when None) and the official int8 when given; then the paired
+    speed-up of ours against float32 (``paired_runs`` runs per round, default max(runs, 2000))."""
     from toolchain.compress import run_compress
     from toolchain.data import load_dataset
     from toolchain.export import export
@@ -137,20 +142,23 @@ def run_case(name: str, model_path: Path, data_spec: str, runs: int, work: Path,
         add("magnitude 50% + int8", fmt, art.path, packed=None,
             note=f"{mag.sparsity:.0%} of weights zero; nonzero params {nonzero:,}")
 
-    # the default recipe's flow with magnitude ranking instead of relevance
+    # the recipe's flow with magnitude ranking instead of relevance
     from toolchain.prune.distill import DistillConfig
-    from toolchain.recipe import DEFAULT_RECIPE
+    from toolchain.recipe import load_recipe
 
-    p = DEFAULT_RECIPE["prune"]
+    p = load_recipe(recipe_path)["prune"]
     ctrl = prune(model, ds, criterion="magnitude", granularity=p["granularity"], sparsity=p["sparsity"],
-                 channel_multiple=p["channel_multiple"],
-                 distill=DistillConfig.from_recipe(p), quiet=True)
+                 channel_multiple=p["channel_multiple"], fine_tune_epochs=p["fine_tune_epochs"],
+                 distill=DistillConfig.from_recipe(p) if p["distill_steps"] else None, quiet=True)
     ctrl_export = export(ctrl.model, ds, ["tflite-int8"], work / f"{name}_magnitude_distill", quiet=True)
-    add(f"magnitude filters {p['sparsity']:.0%} + distill + int8", "tflite-int8",
+    tuning = "".join(part for part, on in ((" + fine-tune", p["fine_tune_epochs"]), (" + distill", p["distill_steps"]))
+                     if on)
+    unit = "filters" if p["granularity"] == "filter" else "weights"
+    add(f"magnitude {unit} {p['sparsity']:.0%}{tuning} + int8", "tflite-int8",
         ctrl_export.artifacts["tflite-int8"].path, note=f"params {ctrl.params_after:,}")
 
     ours_dir = work / f"{name}_ours"
-    ours = run_compress(str(model_path), data_spec, str(ours_dir), quiet=True)
+    ours = run_compress(str(model_path), data_spec, str(ours_dir), recipe_path=recipe_path, quiet=True)
     packed = ours.summary["quantize"]["packed_weight_bytes"] if "quantize" in ours.summary else None
     for r in ours.summary["artifacts"]:
         if r["origin"] == "compressed" and r["format"] in ("tflite-mixed", "tflite-int8", "onnx-int8"):
@@ -164,27 +172,13 @@ def run_case(name: str, model_path: Path, data_spec: str, runs: int, work: Path,
     fp32 = next(r for r in rows if r["flow"] == "float32" and r["format"] == "tflite-fp32")
     speed = None
     if primary is not None:
-        speed = paired_speedup(fp32["path"], primary["path"], data_spec, max(runs, 2000), work / "paired" / name)
+        speed = paired_speedup(fp32["path"], primary["path"], data_spec, paired_runs or max(runs, 2000),
+                               work / "paired" / name)
         print(f"  paired speed-up ours {primary['format']} vs float32 TFLite: {speed['speedup']:.2f}x "
               f"({speed['candidate_p50_ms']:.4f} vs {speed['baseline_p50_ms']:.4f} ms)", flush=True)
     return {"rows": rows, "seconds": time.perf_counter() - t0, "fidelity": fidelity, "paired_speedup": speed,
             "prune": ours.summary.get("prune", {}).get("params_after"),
             "params": model.count_params()}
-
-
-def paper_experiment_status() -> list:
-    from toolchain.data import load_dataset
-    from toolchain.errors import DataError
-
-    out = []
-    for spec in ("fashion_mnist", "cifar10"):
-        try:
-            load_dataset(spec)
-            out.append(f"{spec}: available, but the paper's VGG16/AlexNet runs take hours on 2 cores; run "
-                       f"`toolchain train --arch vgg16 --data {spec}` then `toolchain compress` by hand")
-        except DataError as e:
-            out.append(f"{spec}: skipped — {e}")
-    return out
 
 
 def _primary(rows):
@@ -241,7 +235,12 @@ def write(results: dict) -> None:
                        f"{'met' if t['speedup_ok'] else 'NOT met'})."]
         md.append("")
     md += ["## The paper's experiment (VGG16 / AlexNet on Fashion-MNIST and CIFAR-10)", ""]
-    md += [f"- {s}" for s in results["paper"]]
+    if results["paper"] is None:
+        md += ["Not run by this invocation (`--skip-paper` or `--only`)."]
+    else:
+        from paper import markdown
+
+        md += markdown(results["paper"], "python benchmarks/run_all.py" + (" --quick" if results["quick"] else ""))
     (RESULTS / "run_all.md").write_text("\n".join(md) + "\n")
     _plot(results)
 
@@ -256,7 +255,8 @@ def _plot(results: dict) -> None:
     fig, axes = plt.subplots(1, len(cases), figsize=(6.5 * len(cases), 4.5), squeeze=False)
     colors = {"float32": "tab:gray", "uniform int8": "tab:blue", "magnitude 50% + int8": "tab:orange",
               "ours (compress)": "tab:green", "official int8": "tab:red"}
-    colors.update({r["flow"]: "tab:brown" for c in cases.values() for r in c["rows"] if "distill" in r["flow"]})
+    colors.update({r["flow"]: "tab:brown" for c in cases.values() for r in c["rows"]
+                   if r["flow"].startswith("magnitude") and r["flow"] not in colors})
     for ax, (name, case) in zip(axes[0], cases.items()):
         for r in case["rows"]:
             if not r["format"].startswith("tflite"):
@@ -281,12 +281,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer timed runs (200 instead of 1000)")
     ap.add_argument("--only", choices=("digits", "kws"))
+    ap.add_argument("--skip-paper", action="store_true",
+                    help="skip the paper's experiment (it runs only for datasets in the Keras cache)")
+    ap.add_argument("--paper-epochs", type=int, default=10, help="training epochs of the paper's models")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     runs = 200 if args.quick else 1000
-    results = {"quick": args.quick, "cases": {}, "paper": paper_experiment_status()}
+    results = {"quick": args.quick, "cases": {}, "paper": None}
     with tempfile.TemporaryDirectory(prefix="run_all-") as tmp:
         work = Path(tmp)
+        if not args.skip_paper and args.only is None:
+            from paper import run_experiment
+
+            results["paper"] = run_experiment(work / "paper", epochs=args.paper_epochs, runs=runs)
         if args.only in (None, "digits"):
             print("digits_cnn on digits", flush=True)
             results["cases"]["digits_cnn on digits"] = run_case("digits_cnn", digits_model(args.quick), "digits",
