@@ -182,6 +182,8 @@ def _tfmot_classes():
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
 
+    from toolchain.quantize.simulate import OutputOnlyQuantizeConfig
+
     qk = tfmot.quantization.keras
 
     class FixedRangeWeightQuantizer(qk.quantizers.Quantizer):
@@ -254,21 +256,9 @@ def _tfmot_classes():
         def get_config(self):
             return {"attr": self.attr, "weight": self.weight, "quantize_activation": self.quantize_activation}
 
-    class OutputQuantizeConfig(qk.QuantizeConfig):
+    class OutputQuantizeConfig(OutputOnlyQuantizeConfig):
         def __init__(self, quantize_output):
             self.quantize_output = bool(quantize_output)
-
-        def get_weights_and_quantizers(self, layer):
-            return []
-
-        def get_activations_and_quantizers(self, layer):
-            return []
-
-        def set_quantize_weights(self, layer, quantize_weights):
-            pass
-
-        def set_quantize_activations(self, layer, quantize_activations):
-            pass
 
         def get_output_quantizers(self, layer):
             return [activation_quantizer()] if self.quantize_output else []

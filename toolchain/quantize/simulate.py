@@ -208,11 +208,9 @@ class PlanQuantizeConfig(Q.QuantizeConfig):
                 "activation_bits": self.activation_bits, "quantize_activation": self.quantize_activation}
 
 
-class PlanOutputQuantizeConfig(Q.QuantizeConfig):
-    """Output quantisation at a planned width for the ReLU / Activation after a planned kernel."""
-
-    def __init__(self, bits: int = 8):
-        self.bits = int(bits)
+class OutputOnlyQuantizeConfig(Q.QuantizeConfig):
+    """A QuantizeConfig that quantizes only the layer's output (a ReLU / Activation after a kernel
+    layer); subclasses say with which quantizers (``get_output_quantizers``)."""
 
     def get_weights_and_quantizers(self, layer):
         return []
@@ -225,6 +223,13 @@ class PlanOutputQuantizeConfig(Q.QuantizeConfig):
 
     def set_quantize_activations(self, layer, quantize_activations):
         pass
+
+
+class PlanOutputQuantizeConfig(OutputOnlyQuantizeConfig):
+    """Output quantisation at a planned width for the ReLU / Activation after a planned kernel."""
+
+    def __init__(self, bits: int = 8):
+        self.bits = int(bits)
 
     def get_output_quantizers(self, layer):
         return [] if self.bits >= FLOAT_BITS else [_activation_quantizer(self.bits)]
