@@ -4,7 +4,7 @@
 ``digits_cnn``) to an ``Architecture`` (builder + documented input shapes); ``build_model`` builds
 one as a Functional model, ``train_model`` trains and saves it.
 """
-from models.train import TrainResult, compile_classifier, train_model
+from models.train import TrainResult, compile_classifier, recalibrate_batchnorm, train_model
 from models.zoo import ARCHITECTURES, Architecture, build_model
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "TrainResult",
     "build_model",
     "compile_classifier",
+    "recalibrate_batchnorm",
     "train_model",
 ]

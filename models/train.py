@@ -124,6 +124,7 @@ def train_model(
                          np.asarray(dataset.y_eval)),
         epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
     )
+    recalibrate_batchnorm(model, np.asarray(dataset.x_train, dtype=np.float32))
     # Top-1 from the predictions themselves, independent of Keras metric bookkeeping.
     probs = model.predict(np.asarray(dataset.x_eval, dtype=np.float32), batch_size=256,
                           verbose=0)
@@ -131,3 +132,40 @@ def train_model(
     saved = save_model(model, out)
     history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     return TrainResult(path=str(saved), accuracy=accuracy, epochs=epochs, history=history)
+
+
+#: training samples whose statistics ``recalibrate_batchnorm`` gives each BatchNormalization
+RECALIBRATION_SAMPLES = 4096
+
+
+def recalibrate_batchnorm(model: tf.keras.Model, x: np.ndarray, samples: int = RECALIBRATION_SAMPLES,
+                          batch_size: int = 256) -> int:
+    """Set every BatchNormalization's moving mean/variance to the statistics of the first
+    ``samples`` of ``x`` under the final weights; returns how many layers were recalibrated.
+
+    Keras keeps an exponential moving average (momentum 0.99) of batch statistics taken while
+    the weights were still changing. After a few hundred steps (a small dataset, few epochs) it
+    lags so far behind that inference collapses: AlexNet-style on 3,000 images, 4 epochs, 99.9%
+    training accuracy and 8.7% on the test split, 100% after this. The fix is the usual BN
+    re-estimation (PyTorch's ``swa_utils.update_bn``; Keras has none): forward passes in training
+    mode with the momentum set so the moving statistics become the running mean of the batch
+    statistics, Dropout off so the activations are those of inference.
+    """
+    bns = [l for l in model.submodules if isinstance(l, tf.keras.layers.BatchNormalization)]
+    if not bns or len(x) == 0:
+        return 0
+    drops = [l for l in model.submodules if isinstance(l, tf.keras.layers.Dropout)]
+    momenta, rates = [l.momentum for l in bns], [l.rate for l in drops]
+    try:
+        for l in drops:
+            l.rate = 0.0
+        for k, start in enumerate(range(0, min(len(x), samples), batch_size)):
+            for l in bns:
+                l.momentum = k / (k + 1)  # moving = mean of the k + 1 batch statistics so far
+            model(x[start:min(start + batch_size, samples)], training=True)
+    finally:
+        for l, m in zip(bns, momenta):
+            l.momentum = m
+        for l, r in zip(drops, rates):
+            l.rate = r
+    return len(bns)

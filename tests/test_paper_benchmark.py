@@ -1,15 +1,13 @@
 """benchmarks/paper.py: the paper's experiment runs on whatever Fashion-MNIST/CIFAR-10 is cached and
 says why it skips the rest. Neither dataset is on this machine, so a small learnable stand-in in
-Fashion-MNIST's own cache format (each class lights a different 7x7 patch) goes through the real
+Fashion-MNIST's own cache format (``tests/fake_data.py``) goes through the real
 loader, training, compress and every flow."""
 from __future__ import annotations
 
-import gzip
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,21 +15,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import paper  # noqa: E402
 
-
-def _learnable_fashion_mnist(folder: Path, n_train: int, n_test: int, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    base = folder / "fashion-mnist"
-    base.mkdir(parents=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        x = rng.integers(0, 80, (n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(y):
-            r, q = divmod(int(c), 4)
-            x[i, 7 * r:7 * r + 7, 7 * q:7 * q + 7] += 150
-        with gzip.open(base / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(np.array([2049, n], ">i4").tobytes() + y.tobytes())
-        with gzip.open(base / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(np.array([2051, n, 28, 28], ">i4").tobytes() + x.tobytes())
+from tests.fake_data import write_fashion_mnist_cache  # noqa: E402
 
 
 def test_no_cached_dataset_skips_each_with_the_missing_file(tmp_path, monkeypatch, capsys):
@@ -48,7 +32,7 @@ def test_no_cached_dataset_skips_each_with_the_missing_file(tmp_path, monkeypatc
 
 def test_runs_every_flow_on_a_cached_dataset(tmp_path, monkeypatch):
     data = tmp_path / "data"
-    _learnable_fashion_mnist(data, n_train=6000, n_test=300)
+    write_fashion_mnist_cache(data, n_train=6000, n_test=300)
     recipe = tmp_path / "small.yaml"
     recipe.write_text((REPO / "benchmarks" / "recipes" / "paper.yaml").read_text()
                       .replace("samples: 500", "samples: 64").replace("fine_tune_epochs: 2", "fine_tune_epochs: 1"))

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from models import (ARCHITECTURES, Architecture, TrainResult, build_model, compile_classifier,
-                    train_model)
+                    recalibrate_batchnorm, train_model)
 from toolchain.errors import ConfigError, DataError
 from toolchain.model_io import load_model, model_hash
 
@@ -240,3 +240,42 @@ def test_train_model_rejects_labels_outside_the_classes(digits, tmp_path):
 
     with pytest.raises(DataError, match="labels span"):
         train_model("digits_cnn", Bad(), 1, tmp_path / "m.keras", verbose=0)
+
+
+def _bn_net(seed=0):
+    tf.keras.utils.set_random_seed(seed)
+    L = tf.keras.layers
+    inp = tf.keras.Input((8, 8, 1))
+    x = L.ReLU()(L.BatchNormalization(name="bn1")(L.Conv2D(16, 3, padding="same", name="conv1")(inp)))
+    x = L.ReLU()(L.BatchNormalization(name="bn2")(L.Conv2D(32, 3, padding="same")(x)))
+    x = L.Dropout(0.5, name="drop")(L.Flatten()(x))
+    return tf.keras.Model(inp, L.Dense(10, activation="softmax")(x))
+
+
+def test_recalibrated_batchnorm_holds_the_training_set_statistics(digits):
+    model = _bn_net()
+    x = digits.x_train
+    assert recalibrate_batchnorm(model, x, batch_size=100) == 2
+    conv1 = model.get_layer("conv1")(x).numpy()  # bn1's input does not depend on any BatchNorm
+    bn1 = model.get_layer("bn1")
+    np.testing.assert_allclose(bn1.moving_mean.numpy(), conv1.mean(axis=(0, 1, 2)), rtol=0.02, atol=1e-4)
+    np.testing.assert_allclose(bn1.moving_variance.numpy(), conv1.var(axis=(0, 1, 2)), rtol=0.05, atol=1e-4)
+    assert bn1.momentum == 0.99 and model.get_layer("drop").rate == 0.5  # restored
+
+
+def test_short_training_with_batchnorm_infers_as_well_as_it_trains(tmp_path):
+    # AlexNet-style on 3,000 images for 4 epochs (188 steps): without recalibration the Keras
+    # moving averages lag the weights and the test split scores 8.7% at 99.9% training accuracy
+    from tests.fake_data import patch_images
+
+    rng = np.random.default_rng(0)
+
+    class Patches:
+        input_shape, num_classes = (28, 28, 1), 10
+
+    ds = Patches()
+    (xt, ds.y_train), (xe, ds.y_eval) = patch_images(3000, rng), patch_images(300, rng)
+    ds.x_train, ds.x_eval = (xt[..., None] / 255.0).astype(np.float32), (xe[..., None] / 255.0).astype(np.float32)
+    result = train_model("alexnet", ds, 4, tmp_path / "a.keras", verbose=0)
+    assert result.history["accuracy"][-1] > 0.95
+    assert result.accuracy > 0.9, f"eval accuracy {result.accuracy:.3f} after BatchNorm recalibration"
