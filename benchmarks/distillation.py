@@ -39,9 +39,12 @@ def load_kws():
 
 
 def prune_distill_int8(model, ds, out_dir: Path, *, criterion: str = "relevance", sparsity=None,
-                       scope: str = "layer", seed: int = 0, steps=None):
+                       scope: str = "layer", seed: int = 0, steps=None, formats=("tflite-int8",)):
     """The default recipe's prune + distill (only the given settings differ), then full-integer
-    int8 TFLite: returns (PruneResult, .tflite path, int8 accuracy on the evaluation split)."""
+    int8 TFLite: returns (PruneResult, .tflite path, int8 accuracy on the evaluation split,
+    {format: path} of every exported format). Other ``formats`` (e.g. ``tflite-mixed``, from the
+    default recipe's bit plan) come out of the same export, so verification runs once."""
+    from toolchain.compress import plan_from_recipe
     from toolchain.export import export
     from toolchain.prune import prune
     from toolchain.prune.distill import DistillConfig
@@ -52,8 +55,10 @@ def prune_distill_int8(model, ds, out_dir: Path, *, criterion: str = "relevance"
               sparsity=p["sparsity"] if sparsity is None else sparsity, scope=scope,
               channel_multiple=p["channel_multiple"],
               distill=DistillConfig.from_recipe(p, steps=steps or p["distill_steps"], seed=seed), quiet=True)
-    path = export(r.model, ds, ["tflite-int8"], out_dir, quiet=True).artifacts["tflite-int8"].path
-    return r, path, tflite_accuracy(path, ds.x_eval, ds.y_eval)
+    formats = ["tflite-int8"] + [f for f in formats if f != "tflite-int8"]
+    plan = plan_from_recipe(r.model, ds, DEFAULT_RECIPE, quiet=True) if "tflite-mixed" in formats else None
+    paths = {f: a.path for f, a in export(r.model, ds, formats, out_dir, bitplan=plan, quiet=True).artifacts.items()}
+    return r, paths["tflite-int8"], tflite_accuracy(paths["tflite-int8"], ds.x_eval, ds.y_eval), paths
 
 
 def main() -> int:
@@ -74,7 +79,7 @@ def main() -> int:
         for criterion in ("relevance", "magnitude"):
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
-                r, path, int8 = prune_distill_int8(model, ds, Path(tmp) / f"{criterion}_{seed}",
+                r, path, int8, _ = prune_distill_int8(model, ds, Path(tmp) / f"{criterion}_{seed}",
                                                    criterion=criterion, seed=seed, steps=steps)
                 d = r.settings["distill"]
                 row = {"criterion": criterion, "seed": seed, "params": r.params_after,

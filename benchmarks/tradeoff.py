@@ -62,9 +62,9 @@ def main() -> int:
             t0 = time.perf_counter()
             for seed in range(args.seeds):
                 out = work / f"{sparsity}_{scope}_{seed}"
-                r, path, acc = prune_distill_int8(model, ds, out, sparsity=sparsity, scope=scope, seed=seed,
-                                                  steps=steps)
-                mixed = float_first(r.model, ds, out / "mixed")
+                r, path, acc, paths = prune_distill_int8(model, ds, out, sparsity=sparsity, scope=scope, seed=seed,
+                                                         steps=steps, formats=("tflite-int8", "tflite-mixed"))
+                mixed = paths["tflite-mixed"]
                 accs.append(acc)
                 mixed_accs.append(tflite_accuracy(mixed, ds.x_eval, ds.y_eval))
                 if first is None:
@@ -86,17 +86,6 @@ def main() -> int:
                 shutil.rmtree(work / d, ignore_errors=True)
     write({"steps": steps, "seeds": args.seeds, "official_int8_accuracy": official, "rows": rows})
     return 0
-
-
-def float_first(model, ds, out_dir: Path) -> Path:
-    """The default recipe's headline artifact for ``model``: tflite-mixed from the default recipe's
-    bit plan (uniform int8 with the first kernel layer kept in float)."""
-    from toolchain.compress import plan_from_recipe
-    from toolchain.export import export
-    from toolchain.recipe import DEFAULT_RECIPE
-
-    plan = plan_from_recipe(model, ds, DEFAULT_RECIPE)
-    return export(model, ds, ["tflite-mixed"], out_dir, bitplan=plan, quiet=True).artifacts["tflite-mixed"].path
 
 
 def _meets(row, official, prefix="") -> dict:
