@@ -137,18 +137,27 @@ def write(results: dict, results_dir: Path, command: str) -> Path:
 
 
 def main(argv=None) -> int:
+    from toolchain.cli import positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", nargs="+", choices=DATASETS, default=list(DATASETS))
     ap.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS))
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--train-samples", type=int, default=None, help="train on the first N samples (default: all)")
+    ap.add_argument("--epochs", type=positive_int, default=10)
+    ap.add_argument("--train-samples", type=positive_int, default=None, help="train on the first N samples (default: all)")
     ap.add_argument("--data-dir", help="the folder holding fashion-mnist/ and cifar-10-batches-py/ "
                                        "(default: $TOOLCHAIN_DATA_DIR, then the Keras cache)")
     ap.add_argument("--recipe", default=str(PAPER_RECIPE), help="recipe for ours (default: %(default)s)")
-    ap.add_argument("--runs", type=int, default=200, help="timed inferences per artifact")
-    ap.add_argument("--paired-runs", type=int, default=None, help="runs per round of the paired speed-up")
+    ap.add_argument("--runs", type=positive_int, default=200, help="timed inferences per artifact")
+    ap.add_argument("--paired-runs", type=positive_int, default=None, help="runs per round of the paired speed-up")
     ap.add_argument("--results", default=str(RESULTS), help="output folder (default: %(default)s)")
     args = ap.parse_args(argv)
+    from toolchain.errors import ConfigError
+    from toolchain.recipe import load_recipe
+
+    try:
+        load_recipe(args.recipe)  # before hours of training, not after
+    except ConfigError as e:
+        ap.error(str(e))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.data_dir:
         os.environ["TOOLCHAIN_DATA_DIR"] = args.data_dir  # every later load (compress, bench) sees it

@@ -5,6 +5,7 @@ loader, training, compress and every flow."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -61,3 +62,17 @@ def test_runs_every_flow_on_a_cached_dataset(tmp_path, monkeypatch):
     md = (res / "paper.md").read_text()
     assert "### alexnet on fashion_mnist" in md and "| ours (compress) | tflite-mixed |" in md
     assert (res / "paper.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args, match", [(["--epochs", "0"], "--epochs: '0' must be a positive integer"),
+                                         (["--recipe", "missing.yaml"], "missing.yaml does not exist"),
+                                         (["--recipe", "BAD"], r"prune.sparsity: 2 is not a number in \[0, 1\)")])
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, match):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: {sparsity: 2}\n")
+    args = [str(bad) if a == "BAD" else str(tmp_path / a) if a.endswith(".yaml") else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        paper.main(args + ["--results", str(tmp_path / "res")])
+    assert e.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "res").exists()
