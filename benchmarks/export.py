@@ -115,6 +115,8 @@ def main(argv=None) -> int:
         "keras_accuracy_all": float(np.mean(keras_all == y_all)),
         "bitplan": plan.to_dict(), "rows": rows, "tflite_mixed_layers": mixed_layers, "notes": notes,
         "mcu": ({"flash_bytes": bundle.mcu.flash_bytes, "arena_bytes": bundle.mcu.arena_bytes,
+                 "source_bytes": bundle.mcu.manifest["source"]["bytes"],
+                 "strip_note": bundle.mcu.manifest["model"]["note"],
                  "estimate_bytes": bundle.mcu.arena.arena_bytes,
                  "planned_bytes": bundle.mcu.arena.planned_bytes, "ops": list(bundle.mcu.ops),
                  "tflite_micro": bundle.mcu.micro.to_dict() if bundle.mcu.micro is not None else None}
@@ -172,7 +174,8 @@ def markdown(r: dict) -> str:
                      f"{_pct(row['accuracy_all'])} | {row['agreement']:.3f} | {md} | {mn} |")
     if r.get("mcu"):
         m = r["mcu"]
-        lines += ["", f"MCU bundle (from tflite-int8): flash {m['flash_bytes']:,} bytes, tensor arena "
+        strip = (f" ({m['source_bytes']:,} B tflite-int8 {m['strip_note']})" if "source_bytes" in m else "")
+        lines += ["", f"MCU bundle (from tflite-int8): flash {m['flash_bytes']:,} bytes{strip}, tensor arena "
                       f"{m['arena_bytes']:,} bytes (estimate {m.get('estimate_bytes', m['arena_bytes']):,}: greedy plan "
                       f"{m['planned_bytes']:,} + persistent estimate + 10%), ops: {', '.join(m['ops'])}."]
         t = m.get("tflite_micro")

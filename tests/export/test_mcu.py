@@ -1,5 +1,6 @@
 """MCU bundle: C arrays that compile for the host and a Cortex-M4, the exact op set, the arena
 estimate from tensor lifetimes, the manifest, determinism."""
+import hashlib
 import json
 import re
 import shutil
@@ -16,7 +17,8 @@ from toolchain.errors import ConversionError  # noqa: E402
 from toolchain.export.artifact import sha256_file  # noqa: E402
 from toolchain.export.flatbuffer import read_flatbuffer  # noqa: E402
 from toolchain.export.mcu import (  # noqa: E402
-    MICRO_OP_METHODS, cc_arrays, estimate_arena, greedy_plan, tensor_lifetimes, write_mcu_bundle)
+    MICRO_OP_METHODS, buffer_alignments, cc_arrays, estimate_arena, greedy_plan, strip_strings, tensor_lifetimes,
+    write_mcu_bundle)
 from toolchain.export.tflite_backend import export_tflite  # noqa: E402
 
 ARM_GCC = "arm-none-eabi-gcc"
@@ -52,11 +54,14 @@ def test_cc_arrays_hold_the_bytes_and_the_length():
 def test_bundle_files_and_manifest(bundle, int8_tflite):
     names = sorted(p.name for p in bundle.out_dir.iterdir())
     assert names == ["manifest.json", "model_data.cc", "model_data.h", "op_resolver.h"]
-    source = (bundle.out_dir / "model_data.cc").read_text()
-    assert _array_bytes(source) == open(int8_tflite.path, "rb").read()
+    array = _array_bytes((bundle.out_dir / "model_data.cc").read_text())
+    assert array == strip_strings(open(int8_tflite.path, "rb").read())[0]
     m = json.loads((bundle.out_dir / "manifest.json").read_text())
-    assert m["source"]["sha256"] == sha256_file(int8_tflite.path) == bundle.model_sha256
-    assert m["sizes"]["flash_bytes"] == int8_tflite.size_bytes
+    assert m["source"]["sha256"] == sha256_file(int8_tflite.path)
+    assert m["model"]["sha256"] == hashlib.sha256(array).hexdigest() == bundle.model_sha256
+    assert m["model"]["strings_stripped"] and m["sizes"]["flash_bytes"] == len(array) == bundle.flash_bytes
+    assert len(array) < int8_tflite.size_bytes - 500  # names and signatures are ~10% of this small model
+    assert m["inputs"][0]["name"]  # still documented, read from the source
     interp = tf.lite.Interpreter(model_path=str(int8_tflite.path))
     d_in, d_out = interp.get_input_details()[0], interp.get_output_details()[0]
     assert m["inputs"][0]["dtype"] == "int8" and m["inputs"][0]["shape"] == list(d_in["shape"])
@@ -65,6 +70,45 @@ def test_bundle_files_and_manifest(bundle, int8_tflite):
     assert m["outputs"][0]["zero_point"] == d_out["quantization"][1]
     for fname, entry in m["files"].items():
         assert entry["sha256"] == sha256_file(bundle.out_dir / fname), fname
+
+
+def test_stripped_model_computes_exactly_what_the_source_does(bundle, int8_tflite):
+    array = _array_bytes((bundle.out_dir / "model_data.cc").read_text())
+    source = open(int8_tflite.path, "rb").read()
+    assert b"serving_default" in source and b"serving_default" not in array
+    assert min(buffer_alignments(array)) >= max(4, min(buffer_alignments(source)))
+    x = calib(16)
+    outs = []
+    for data in (source, array):
+        interp = tf.lite.Interpreter(model_content=data, experimental_op_resolver_type=(
+            tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+        interp.allocate_tensors()
+        d_in, d_out = interp.get_input_details()[0], interp.get_output_details()[0]
+        scale, zp = d_in["quantization"]
+        rows = []
+        for i in range(len(x)):
+            interp.set_tensor(d_in["index"], np.clip(np.round(x[i:i + 1] / scale) + zp, -128, 127).astype(np.int8))
+            interp.invoke()
+            rows.append(interp.get_tensor(d_out["index"]).copy())
+        outs.append(np.concatenate(rows))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_unstripped_bundle_holds_the_source_bytes(int8_tflite, tmp_path):
+    b = write_mcu_bundle(int8_tflite.path, tmp_path / "mcu", "small_cnn", strip=False)
+    assert _array_bytes((b.out_dir / "model_data.cc").read_text()) == open(int8_tflite.path, "rb").read()
+    m = json.loads((b.out_dir / "manifest.json").read_text())
+    assert not m["model"]["strings_stripped"] and m["model"]["sha256"] == m["source"]["sha256"]
+
+
+def test_source_with_16_byte_aligned_buffers_stays_unstripped():
+    # the official MLPerf Tiny int8 file aligns every buffer to 16; TF's writer would align some to 4
+    from tests.conftest import MLPERF, require
+
+    data = require(MLPERF / "kws_ref_model_int8.tflite").read_bytes()
+    assert set(buffer_alignments(data)) == {16}
+    out, note = strip_strings(data)
+    assert out == data and "aligns every buffer to 16" in note
 
 
 def test_op_resolver_lists_exactly_the_ops_in_the_flatbuffer(bundle, int8_tflite):
@@ -154,7 +198,7 @@ def test_model_data_compiles_for_cortex_m4(bundle, int8_tflite, tmp_path):
     assert rodata and rodata[0].split()[-1] in ("2**4", "2**5", "2**6"), headers  # >= 16-byte aligned
     size = subprocess.run(["arm-none-eabi-size", str(obj)], capture_output=True, text=True, check=True).stdout
     text = int(size.splitlines()[1].split()[0])
-    assert text >= int8_tflite.size_bytes  # the whole flatbuffer is in flash (.rodata counts as text)
+    assert text >= bundle.flash_bytes  # the whole flatbuffer is in flash (.rodata counts as text)
 
 
 # -- the bundle's model run in tflite-micro itself ------------------------------------------------
@@ -188,7 +232,7 @@ def test_tflite_micro_arena_is_the_smallest_that_runs(checked, int8_tflite):
 
     from toolchain.export import micro
 
-    data = open(int8_tflite.path, "rb").read()
+    data = _array_bytes((checked.out_dir / "model_data.cc").read_text())  # what was measured
     x_q = np.zeros(tuple(runtime.Interpreter.from_bytes(data).get_input_details(0)["shape"]), np.int8)
     n = checked.micro.arena_min_bytes
     assert n % 16 == 0 and n > 0

@@ -311,23 +311,66 @@ def check_integer_model(info: FlatbufferInfo, source: str) -> None:
                               "the MCU bundle needs an int8 .tflite: export tflite-int8")
 
 
+def buffer_alignments(data: bytes) -> List[int]:
+    """For every non-empty buffer of the flatbuffer ``data``: the largest power of two (up to 16)
+    dividing the offset of its first byte."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.Model.GetRootAsModel(data, 0)
+    out = []
+    for i in range(model.BuffersLength()):
+        buf = model.Buffers(i)
+        if buf.DataLength():
+            # the vector's length prefix (uint32) sits right before the data
+            off = buf._tab.Vector(buf._tab.Offset(4))
+            out.append(min(16, off & -off) if off else 16)
+    return out
+
+
+def strip_strings(data: bytes) -> Tuple[bytes, str]:
+    """``data`` without tensor names, subgraph names, the description and signature defs, which
+    tflite-micro never reads (TensorFlow's own ``tensorflow/lite/tools/strip_strings.py``); returns
+    (bytes, "") or, when the rewritten flatbuffer would place a buffer less than 4-byte aligned
+    (int32 biases are read in place on the microcontroller) or less aligned than the source places
+    every buffer (some kernels want 16), (the original bytes, the reason). TensorFlow's flatbuffer
+    writer aligns buffers to 4 bytes; TF 2.14's converter already writes 4-, 8- and 16-aligned ones,
+    older converters 16 throughout (the MLPerf Tiny DS-CNN int8 file), which then stays unstripped."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    flatbuffer_utils.strip_strings(model)
+    stripped = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    worst, before = min(buffer_alignments(stripped), default=16), min(buffer_alignments(data), default=16)
+    if worst < max(4, before):
+        return data, (f"not stripped: rewriting would align a buffer to {worst} bytes where the source "
+                      f"aligns every buffer to {before}")
+    return stripped, ""
+
+
 def write_mcu_bundle(tflite_path, out_dir, name: str = "model", source_format: str = "tflite-int8",
-                     check_x: Optional[np.ndarray] = None, check_y: Optional[np.ndarray] = None) -> McuBundle:
+                     check_x: Optional[np.ndarray] = None, check_y: Optional[np.ndarray] = None,
+                     strip: bool = True) -> McuBundle:
     """Write the microcontroller bundle for the integer ``.tflite`` at ``tflite_path`` into ``out_dir``.
 
-    With ``check_x`` (float inputs, e.g. the evaluation split; ``check_y`` its labels), the model is
-    also run in tflite-micro itself and compared with TFLite (``toolchain.export.micro``); the
-    result goes into the manifest under ``tflite_micro``."""
+    With ``strip`` the array holds the model without the strings tflite-micro never reads (tensor
+    names, signatures: :func:`strip_strings`), ~2 KB less flash on DS-CNN; the manifest keeps the
+    names, read from the source. With ``check_x`` (float inputs, e.g. the evaluation split;
+    ``check_y`` its labels), the array's model is also run in tflite-micro itself and compared with
+    the source file in TFLite (``toolchain.export.micro``); the result goes into the manifest under
+    ``tflite_micro``."""
     tflite_path = Path(tflite_path)
     if not tflite_path.is_file():
         raise ConfigError(f"MCU bundle source {tflite_path} does not exist; export tflite-int8 first")
-    data = tflite_path.read_bytes()
-    info = read_flatbuffer(data)
+    source_data = tflite_path.read_bytes()
+    info = read_flatbuffer(source_data)
     check_integer_model(info, f"{tflite_path.name} ({source_format})")
+    data, strip_note = strip_strings(source_data) if strip else (source_data, "not stripped (strip=False)")
     ops = micro_ops(info)
     ident = c_identifier(name)
-    digest = sha256_bytes(data)
-    note = f"Source: {tflite_path.name} ({source_format}), {len(data)} bytes, sha256 {digest}"
+    source_digest, digest = sha256_bytes(source_data), sha256_bytes(data)
+    note = f"Source: {tflite_path.name} ({source_format}), {len(source_data)} bytes, sha256 {source_digest}"
+    if data is not source_data:
+        note += f"; strings stripped: {len(data)} bytes, sha256 {digest}"
     header, source = cc_arrays(ident, data, "model_data.h", note)
     resolver = op_resolver_header(ident, ops, note)
     arena = estimate_arena(info)
@@ -335,13 +378,16 @@ def write_mcu_bundle(tflite_path, out_dir, name: str = "model", source_format: s
     if check_x is not None:
         from toolchain.export.micro import check_in_micro
 
-        micro = check_in_micro(data, check_x, check_y)
+        micro = check_in_micro(data, check_x, check_y, reference=source_data)
     out_dir = Path(out_dir)
     files = {"model_data.h": header.encode(), "model_data.cc": source.encode(), "op_resolver.h": resolver.encode()}
     camel = "".join(p.capitalize() for p in ident.split("_"))
     manifest = {
         "name": ident,
-        "source": {"file": tflite_path.name, "format": source_format, "bytes": len(data), "sha256": digest},
+        "source": {"file": tflite_path.name, "format": source_format, "bytes": len(source_data),
+                   "sha256": source_digest},
+        "model": {"bytes": len(data), "sha256": digest, "strings_stripped": data is not source_data,
+                  "note": strip_note or "tensor names and signature defs removed (tflite-micro reads neither)"},
         "arrays": {"data": f"g_{ident}_model_data", "length": f"g_{ident}_model_data_len", "alignment": ALIGNMENT},
         "inputs": [_io(info, i) for i in info.inputs],
         "outputs": [_io(info, i) for i in info.outputs],

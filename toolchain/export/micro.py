@@ -125,9 +125,10 @@ def min_arena(data: bytes, x_q: np.ndarray, upper: Optional[int] = None) -> int:
 
 
 def check_in_micro(data: bytes, x: np.ndarray, y: Optional[np.ndarray] = None,
-                   samples: int = DEFAULT_SAMPLES) -> MicroCheck:
+                   samples: int = DEFAULT_SAMPLES, reference: Optional[bytes] = None) -> MicroCheck:
     """Run ``data`` (an integer-I/O ``.tflite``) in tflite-micro on the first ``samples`` float
-    inputs of ``x`` and compare with TFLite's interpreter on the same bytes."""
+    inputs of ``x`` and compare with TFLite's interpreter on ``reference`` (the artifact the bundle
+    was made from; default: the same bytes)."""
     from toolchain.export.tflite_backend import TfliteRunner
 
     runtime = _runtime()
@@ -158,7 +159,7 @@ def check_in_micro(data: bytes, x: np.ndarray, y: Optional[np.ndarray] = None,
         interp.invoke()
         outs.append(np.array(interp.get_output(0), dtype=np.float32).reshape(-1))
     micro = (np.stack(outs) - out_zp) * out_scale
-    ref = TfliteRunner(data)(x).reshape(n, -1)
+    ref = TfliteRunner(reference if reference is not None else data)(x).reshape(n, -1)
     steps = int(np.round(np.abs(micro - ref).max() / out_scale)) if out_scale > 0 else 0
     agreement = float((micro.argmax(-1) == ref.argmax(-1)).mean())
     if agreement < MIN_AGREEMENT:
