@@ -174,7 +174,7 @@ def markdown(r: dict) -> str:
                      f"{_pct(row['accuracy_all'])} | {row['agreement']:.3f} | {md} | {mn} |")
     if r.get("mcu"):
         m = r["mcu"]
-        strip = (f" ({m['source_bytes']:,} B tflite-int8 {m['strip_note']})" if "source_bytes" in m else "")
+        strip = (f" (tflite-int8 {m['source_bytes']:,} B; {m['strip_note']})" if "source_bytes" in m else "")
         lines += ["", f"MCU bundle (from tflite-int8): flash {m['flash_bytes']:,} bytes{strip}, tensor arena "
                       f"{m['arena_bytes']:,} bytes (estimate {m.get('estimate_bytes', m['arena_bytes']):,}: greedy plan "
                       f"{m['planned_bytes']:,} + persistent estimate + 10%), ops: {', '.join(m['ops'])}."]
