@@ -4,7 +4,9 @@ For the digits CNN (trained here once, cached under ~/.cache/toolchain/bench-mod
 DS-CNN (../shared, kws01: calibration = first 500 files, evaluation = last 500) it compares
   * float32             — the uncompressed model as float32 TFLite (and ONNX),
   * uniform int8        — the standard flow: full-integer int8 TFLite (and ONNX QDQ int8),
-  * magnitude + int8    — tfmot-style magnitude pruning (unstructured, 50%) then int8,
+  * magnitude + int8    — tfmot-style magnitude pruning (unstructured, 50%) then int8, as is and
+                          with the recipe's recovery (distillation from the original, or
+                          fine-tuning where there is a training split): the standard flow,
   * magnitude filters + distill + int8 — the same flow as ours with filters ranked by L1 norm
                           instead of relevance (isolates what relevance contributes),
   * ours                — `toolchain compress` with the default recipe: relevance filter pruning
@@ -135,27 +137,31 @@ def run_case(name: str, model_path: Path, data_spec: str, runs: int, work: Path,
         flow = "float32" if "fp32" in fmt else "uniform int8"
         add(flow, fmt, art.path, packed=n_weights * (4 if "fp32" in fmt else 1))
 
-    mag = prune(model, ds, criterion="magnitude", granularity="weight", sparsity=0.5, quiet=True)
-    mag_export = export(mag.model, ds, ["tflite-int8", "tflite-sparse"], work / f"{name}_magnitude", quiet=True)
-    nonzero = mag.nonzero_params_after
-    for fmt, art in mag_export.artifacts.items():
-        add("magnitude 50% + int8", fmt, art.path, packed=None,
-            note=f"{mag.sparsity:.0%} of weights zero; nonzero params {nonzero:,}")
-
-    # the recipe's flow with magnitude ranking instead of relevance
+    # the standard flow (tfmot-style magnitude pruning of weights, 50%): as is, and with the
+    # recipe's recovery (fine-tuning and/or distillation); then the recipe's own flow with
+    # magnitude instead of relevance ranking (a control for what relevance contributes)
     from toolchain.prune.distill import DistillConfig
     from toolchain.recipe import load_recipe
 
     p = load_recipe(recipe_path)["prune"]
-    ctrl = prune(model, ds, criterion="magnitude", granularity=p["granularity"], sparsity=p["sparsity"],
-                 channel_multiple=p["channel_multiple"], fine_tune_epochs=p["fine_tune_epochs"],
-                 distill=DistillConfig.from_recipe(p) if p["distill_steps"] else None, quiet=True)
-    ctrl_export = export(ctrl.model, ds, ["tflite-int8"], work / f"{name}_magnitude_distill", quiet=True)
     tuning = "".join(part for part, on in ((" + fine-tune", p["fine_tune_epochs"]), (" + distill", p["distill_steps"]))
                      if on)
+    recovery = {"fine_tune_epochs": p["fine_tune_epochs"],
+                "distill": DistillConfig.from_recipe(p) if p["distill_steps"] else None}
+    flows = [("magnitude 50% + int8", "weight", 0.5, {}, ["tflite-int8", "tflite-sparse"])]
+    if tuning:
+        flows.append((f"magnitude 50%{tuning} + int8", "weight", 0.5, recovery, ["tflite-int8", "tflite-sparse"]))
     unit = "filters" if p["granularity"] == "filter" else "weights"
-    add(f"magnitude {unit} {p['sparsity']:.0%}{tuning} + int8", "tflite-int8",
-        ctrl_export.artifacts["tflite-int8"].path, note=f"params {ctrl.params_after:,}")
+    if (p["granularity"], p["sparsity"]) != ("weight", 0.5) or not tuning:
+        flows.append((f"magnitude {unit} {p['sparsity']:.0%}{tuning} + int8", p["granularity"], p["sparsity"],
+                      recovery, ["tflite-int8"]))
+    for k, (flow, granularity, sparsity, settings, formats) in enumerate(flows):
+        pruned = prune(model, ds, criterion="magnitude", granularity=granularity, sparsity=sparsity,
+                       channel_multiple=p["channel_multiple"], quiet=True, **settings)
+        note = (f"{pruned.sparsity:.0%} of weights zero; nonzero params {pruned.nonzero_params_after:,}"
+                if granularity == "weight" else f"params {pruned.params_after:,}")
+        for fmt, art in export(pruned.model, ds, formats, work / f"{name}_magnitude_{k}", quiet=True).artifacts.items():
+            add(flow, fmt, art.path, packed=None, note=note)
 
     ours_dir = work / f"{name}_ours"
     ours = run_compress(str(model_path), data_spec, str(ours_dir), recipe_path=recipe_path, quiet=True)
@@ -255,7 +261,8 @@ def _plot(results: dict) -> None:
     fig, axes = plt.subplots(1, len(cases), figsize=(6.5 * len(cases), 4.5), squeeze=False)
     colors = {"float32": "tab:gray", "uniform int8": "tab:blue", "magnitude 50% + int8": "tab:orange",
               "ours (compress)": "tab:green", "official int8": "tab:red"}
-    colors.update({r["flow"]: "tab:brown" for c in cases.values() for r in c["rows"]
+    colors.update({r["flow"]: "tab:brown" if "filters" in r["flow"] else "tab:olive"
+                   for c in cases.values() for r in c["rows"]
                    if r["flow"].startswith("magnitude") and r["flow"] not in colors})
     for ax, (name, case) in zip(axes[0], cases.items()):
         for r in case["rows"]:
