@@ -58,7 +58,7 @@ def run_experiment(work: Path, datasets=DATASETS, archs=ARCHS, epochs: int = 10,
             print(name, flush=True)
             t0 = time.perf_counter()
             model_path = work / f"{arch}_{spec}.keras"
-            trained = train_model(arch, ds, epochs, model_path, verbose=0)
+            trained = train_model(arch, ds, epochs, model_path, verbose=2)  # a line per epoch
             case = run_case(f"{arch}_{spec}", model_path, spec, runs, work / f"{arch}_{spec}",
                             recipe_path=str(recipe), paired_runs=paired_runs)
             case["train"] = {"epochs": epochs, "train_samples": len(ds.x_train), "accuracy": trained.accuracy,
