@@ -5,7 +5,8 @@
 * ``model_data.h`` / ``model_data.cc``: ``alignas(16) const unsigned char g_<name>_model_data[]``
   and ``const unsigned int g_<name>_model_data_len``, generated in Python the way tflite-micro's
   ``generate_cc_arrays.py`` does (the ``.cc`` includes its header, so the arrays have external
-  linkage even though they are ``const``);
+  linkage even though they are ``const``). The array is the model without the strings
+  tflite-micro never reads (tensor names, signature defs; :func:`strip_strings`);
 * ``op_resolver.h``: a ``tflite::MicroMutableOpResolver<N>`` alias and a registration function
   calling exactly one ``AddXxx()`` per builtin operator the flatbuffer uses (read with
   TensorFlow's generated schema module, mapped through :data:`MICRO_OP_METHODS`);
