@@ -3,7 +3,7 @@ ranking, over several distillation seeds, with the int8 TFLite accuracy that shi
 
 kws01 has no training split (500 labelled calibration samples, 500 evaluation samples), so the
 pruned model is distilled from the original on augmented calibration samples (mixup, time shift,
-noise; ``toolchain.prune.distill``) — the default recipe's flow. For each filter ranking (relevance,
+time/feature masks, noise; ``toolchain.prune.distill``) — the default recipe's flow. For each filter ranking (relevance,
 magnitude) the model is pruned once (50% of the filters of every layer) and distilled with ``--seeds`` different seeds; each result is converted to full-integer
 int8 TFLite and evaluated on the evaluation split. Seeds show how much of a difference is noise
 (one evaluation sample is 0.2 points).

@@ -48,7 +48,8 @@ prune:
                            # kernels that want one; XNNPACK here does not (benchmarks/kernel_speed.py)
   fine_tune_epochs: 0      # epochs on the labelled training split (kws01 has only its 500 calibration samples)
   # knowledge distillation from the original model on augmented calibration samples (mixup, time
-  # shift, noise): needs no labels; 0 = off. ~100 s for DS-CNN on 2 cores.
+  # shift, SpecAugment-style time/feature masks, noise): needs no labels; 0 = off. ~100 s for
+  # DS-CNN on 2 cores.
   distill_steps: 8000
   distill_temperature: 1.0
 quantize:

@@ -44,6 +44,34 @@ def test_distill_config_rejects_bad_values():
         DistillConfig(temperature=0)
     with pytest.raises(ConfigError, match="mixup"):
         DistillConfig(mixup=1.5)
+    with pytest.raises(ConfigError, match="time_mask"):
+        DistillConfig(time_mask=-0.1)
+    with pytest.raises(ConfigError, match="mask_prob"):
+        DistillConfig(mask_prob=2)
+
+
+def test_masks_set_one_band_per_axis_to_the_calibration_mean():
+    import tensorflow as tf
+
+    from toolchain.prune.distill import make_augment
+
+    x = np.random.default_rng(0).normal(size=(64, 20, 10, 1)).astype(np.float32)
+    config = DistillConfig(mixup=0.0, shift=0.0, noise=0.0, time_mask=0.25, feature_mask=0.3, mask_prob=1.0)
+    out = make_augment(x, config, tf.random.Generator.from_seed(0))(tf.constant(x)).numpy()
+    mean = x.mean(axis=0)
+    changed = out != x
+    assert changed.any(axis=(1, 2, 3)).mean() > 0.7  # widths are drawn from 0..max, so a few stay whole
+    for before, after, hit in zip(x, out, changed):
+        assert np.array_equal(after[hit], mean[hit])  # masked values are the mean there
+        rows = np.flatnonzero(hit.all(axis=(1, 2)))  # fully masked time steps: one band, <= 5 long
+        cols = np.flatnonzero(hit.all(axis=(0, 2)))  # fully masked coefficients: one band, <= 3 wide
+        assert len(rows) <= 5 and (len(rows) == 0 or rows[-1] - rows[0] == len(rows) - 1)
+        assert len(cols) <= 3 and (len(cols) == 0 or cols[-1] - cols[0] == len(cols) - 1)
+        # every changed value lies in the masked rows or the masked columns
+        assert not (hit & ~np.isin(np.arange(20), rows)[:, None, None] & ~np.isin(np.arange(10), cols)[None, :, None]).any()
+    off = make_augment(x, DistillConfig(mixup=0.0, shift=0.0, noise=0.0, mask_prob=0.0),
+                       tf.random.Generator.from_seed(0))(tf.constant(x)).numpy()
+    np.testing.assert_array_equal(off, x)
 
 
 def test_distillation_moves_a_pruned_model_towards_its_teacher(trained, digits, cache_dir):

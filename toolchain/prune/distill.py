@@ -6,8 +6,11 @@ epochs reached 80%). Distillation needs no labels at all: the original model (th
 every input, so the calibration samples can be augmented freely and each augmented input still
 gets a correct target — the teacher's output distribution, which also carries how similar the
 classes look to it. Augmentations that keep inputs near the data: mixup of two samples (the
-teacher labels the mixture), a cyclic shift along the first spatial axis (time, for spectrograms)
-and a little Gaussian noise. The loss is KL(teacher || student) at ``temperature``, scaled by
+teacher labels the mixture), a cyclic shift along the first spatial axis (time, for spectrograms),
+SpecAugment-style masks (Park et al. 2019: one band of the first spatial axis, time, and one of the
+second, the MFCC coefficients, each set to the calibration mean there) and a little Gaussian noise.
+The masks were the one augmentation among a dozen tried that moved DS-CNN at 32 channels: int8
+accuracy on kws01 88.3% -> 89.1% (mean of 3 seeds; ``benchmarks/distillation.py``). The loss is KL(teacher || student) at ``temperature``, scaled by
 ``temperature**2`` (Hinton et al. 2015).
 
 Written here because neither tfmot nor Keras 2.14 has a distillation API (Keras' ``Distiller`` is
@@ -33,6 +36,11 @@ class DistillConfig:
     mixup: float = 1.0
     #: largest cyclic shift along the first spatial axis, as a fraction of its length
     shift: float = 0.12
+    #: SpecAugment-style masks: with probability ``mask_prob`` each, one band of up to this fraction
+    #: of the first spatial axis (time) / of the second (features) is set to the calibration mean
+    time_mask: float = 0.2
+    feature_mask: float = 0.2
+    mask_prob: float = 0.5
     #: Gaussian noise, as a fraction of the calibration data's standard deviation
     noise: float = 0.1
     learning_rate: float = 1e-3
@@ -49,7 +57,7 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 problems.append(f"{name} {v!r} is not a number > 0")
-        for name in ("mixup", "shift", "noise"):
+        for name in ("mixup", "shift", "time_mask", "feature_mask", "mask_prob", "noise"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 problems.append(f"{name} {v!r} is not a number in [0, 1]")
@@ -77,6 +85,47 @@ def _log_probs(model):
     if _ends_in_softmax(model):
         return lambda out: tf.math.log(tf.maximum(out, 1e-12))
     return tf.nn.log_softmax
+
+
+def make_augment(x: np.ndarray, config: DistillConfig, rng):
+    """The augmentation of a batch (a tf function of a float batch shaped like ``x``): mixup, a
+    cyclic shift along axis 1, one masked band along axis 1 and one along axis 2 (set to the mean
+    of ``x`` there), Gaussian noise; random numbers from the ``tf.random.Generator`` ``rng``."""
+    import tensorflow as tf
+
+    std = float(x.std()) or 1.0
+    length = x.shape[1] if x.ndim >= 3 else 0
+    max_shift = int(round(config.shift * length))
+    mean = tf.constant(x.mean(axis=0, keepdims=True))
+
+    def augment(xb):
+        n = tf.shape(xb)[0]
+        bshape = tf.concat([[n], tf.ones([tf.rank(xb) - 1], tf.int32)], 0)
+        lam = rng.uniform(bshape, 0.0, 1.0)
+        lam = tf.where(rng.uniform(bshape) < config.mixup, lam, tf.ones_like(lam))
+        xb = lam * xb + (1.0 - lam) * tf.gather(xb, tf.random.shuffle(tf.range(n)))
+        if max_shift:
+            xb = tf.roll(xb, rng.uniform((), -max_shift, max_shift + 1, dtype=tf.int32), axis=1)
+        for axis, fraction in ((1, config.time_mask), (2, config.feature_mask)):
+            xb = mask_band(xb, axis, fraction, bshape)
+        if config.noise:
+            xb = xb + rng.normal(tf.shape(xb)) * (std * config.noise)
+        return xb
+
+    def mask_band(xb, axis, fraction, bshape):
+        """Set one band of up to ``fraction`` of ``axis`` to the calibration mean, in a random
+        ``mask_prob`` share of the samples."""
+        size = x.shape[axis] if x.ndim > axis + 1 else 0  # a spatial axis, not the channels
+        width = int(round(fraction * size))
+        if not width or not config.mask_prob:
+            return xb
+        start = rng.uniform(bshape, 0, size, dtype=tf.int32)
+        span = rng.uniform(bshape, 0, width + 1, dtype=tf.int32)
+        pos = tf.reshape(tf.range(size), [size if d == axis else 1 for d in range(x.ndim)])
+        on = (pos >= start) & (pos < start + span) & (rng.uniform(bshape) < config.mask_prob)
+        return tf.where(on, mean, xb)
+
+    return augment
 
 
 def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConfig(),
@@ -107,9 +156,7 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
         return history
     tf.keras.utils.set_random_seed(config.seed)
     rng = tf.random.Generator.from_seed(config.seed)
-    std = float(x.std()) or 1.0
-    length = x.shape[1] if x.ndim >= 3 else 0
-    max_shift = int(round(config.shift * length))
+    augment = make_augment(x, config, rng)
     t = float(config.temperature)
     teacher_lp, student_lp = _log_probs(teacher), _log_probs(student)
     opt = tf.keras.optimizers.Adam(tf.keras.optimizers.schedules.CosineDecay(config.learning_rate, config.steps))
@@ -117,18 +164,6 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
     if hold is not None:
         hold.apply(student)
     variables = student.trainable_variables
-
-    def augment(xb):
-        n = tf.shape(xb)[0]
-        bshape = tf.concat([[n], tf.ones([tf.rank(xb) - 1], tf.int32)], 0)
-        lam = rng.uniform(bshape, 0.0, 1.0)
-        lam = tf.where(rng.uniform(bshape) < config.mixup, lam, tf.ones_like(lam))
-        xb = lam * xb + (1.0 - lam) * tf.gather(xb, tf.random.shuffle(tf.range(n)))
-        if max_shift:
-            xb = tf.roll(xb, rng.uniform((), -max_shift, max_shift + 1, dtype=tf.int32), axis=1)
-        if config.noise:
-            xb = xb + rng.normal(tf.shape(xb)) * (std * config.noise)
-        return xb
 
     @tf.function
     def step(xb):
