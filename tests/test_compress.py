@@ -103,6 +103,22 @@ def test_second_run_reuses_stage_outputs_and_failure_keeps_previous_build(build,
     assert {"relevance", "prune", "quantize"} <= set(summary["cached_stages"])
 
 
+def test_changed_distillation_defaults_are_not_served_from_the_cache(build, digits_model, monkeypatch, tmp_path):
+    # the recipe names only distill_steps and distill_temperature; the augmentation defaults live in
+    # DistillConfig, and a model distilled with other defaults must not come back from the cache
+    from toolchain.prune.distill import DistillConfig
+
+    _, recipe, _ = build
+    original = DistillConfig.from_recipe.__func__
+    monkeypatch.setattr(DistillConfig, "from_recipe",
+                        classmethod(lambda cls, p, **o: original(cls, p, **{"noise": 0.05, **o})))
+    assert main(["compress", "--model", str(digits_model), "--data", "digits", "--recipe", str(recipe),
+                 "--out", str(tmp_path / "build"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "build" / "summary.json").read_text())
+    assert "relevance" in summary["cached_stages"] and "prune" not in summary["cached_stages"]
+    assert summary["prune"]["settings"]["distill"]["config"]["noise"] == 0.05
+
+
 def test_auto_pruning_chooses_on_the_calibration_split(digits_model, tmp_path):
     """Auto mode tries sparsities from the largest down and records the calibration accuracy of
     each; with a zero tolerance and only large sparsities it must decline and prune nothing."""

@@ -85,9 +85,12 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
     from toolchain.prune.distill import DistillConfig
 
     p = recipe["prune"]
+    distill = DistillConfig.from_recipe(p)
     settings = {k: p[k] for k in ("criterion", "granularity", "mode", "sparsity", "fine_tune_epochs",
-                                  "auto_sparsities", "auto_max_drop", "channel_multiple", "distill_steps",
-                                  "distill_temperature")}
+                                  "auto_sparsities", "auto_max_drop", "channel_multiple")}
+    # every distillation setting, not only the recipe's two: a changed default (augmentation) must
+    # not reuse a model distilled the old way
+    settings["distill"] = distill.to_dict()
     entry = stagecache.key("prune", m_hash, d_hash, settings, recipe["relevance"])
     hit = stagecache.get(entry)
     if hit is not None and hit[0] is not None:
@@ -95,7 +98,6 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
 
     # rounding channel counts only means something for filters removed to a sparsity target
     multiple = p["channel_multiple"] if p["granularity"] == "filter" and p["mode"] != "nonpositive" else 1
-    distill = DistillConfig.from_recipe(p)
 
     def run(sparsity, epochs, distillation=None):
         return prune(model, dataset, criterion=p["criterion"], granularity=p["granularity"],
