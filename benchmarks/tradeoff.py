@@ -43,7 +43,13 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="distillation steps (default: the default recipe's)")
     ap.add_argument("--runs", type=int, default=2000, help="timed runs per latency round")
+    ap.add_argument("--configs", nargs="+", metavar="LABEL",
+                    help="only the configurations whose label starts with one of these (e.g. 32)")
+    ap.add_argument("--name", default="tradeoff", help="results file name (default: %(default)s)")
     args = ap.parse_args()
+    configs = [c for c in CONFIGS if not args.configs or any(c[0].startswith(p) for p in args.configs)]
+    if not configs:
+        ap.error(f"--configs {' '.join(args.configs)} matches none of: {', '.join(c[0] for c in CONFIGS)}")
     loaded = load_kws()
     if loaded is None:
         return 1
@@ -57,7 +63,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tradeoff-") as tmp:
         work = Path(tmp)
         fp32 = export(model, ds, ["tflite-fp32"], work / "fp32", quiet=True).artifacts["tflite-fp32"].path
-        for label, sparsity, scope in CONFIGS:
+        for label, sparsity, scope in configs:
             accs, mixed_accs, first = [], [], None
             t0 = time.perf_counter()
             for seed in range(args.seeds):
@@ -84,7 +90,9 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             for d in (f"pair_{sparsity}_{scope}", f"pairm_{sparsity}_{scope}"):
                 shutil.rmtree(work / d, ignore_errors=True)
-    write({"steps": steps, "seeds": args.seeds, "official_int8_accuracy": official, "rows": rows})
+    command = "python benchmarks/tradeoff.py " + " ".join(sys.argv[1:])
+    write({"steps": steps, "seeds": args.seeds, "official_int8_accuracy": official, "rows": rows,
+           "command": command.strip()}, args.name)
     return 0
 
 
@@ -95,12 +103,13 @@ def _meets(row, official, prefix="") -> dict:
             "accuracy": official is not None and official - acc <= TARGET_ACC_GAP + 1e-9}
 
 
-def write(results: dict) -> None:
+def write(results: dict, name: str = "tradeoff") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tradeoff.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
     official = results["official_int8_accuracy"]
     md = ["# DS-CNN width trade-off: accuracy vs speed-up vs size (kws01)", "",
-          f"Command: `python benchmarks/tradeoff.py --seeds {results['seeds']}`; relevance filter pruning + "
+          f"Command: `{results.get('command') or 'python benchmarks/tradeoff.py --seeds ' + str(results['seeds'])}`; "
+          "relevance filter pruning + "
           f"{results['steps']} distillation steps on the 500 calibration samples + full-integer int8 TFLite; "
           "accuracy on the 500 evaluation samples (one sample = 0.2 points), speed-up paired against the "
           "float32 TFLite (1 thread, XNNPACK). Targets: <= 27,000 B, >= 2.5x, accuracy >= official int8 "
@@ -121,12 +130,12 @@ def write(results: dict) -> None:
                       f"{r[f'{prefix}bytes']:,} | {r[f'{prefix}speedup']:.2f}x | {np.mean(accs):.1%}; "
                       f"{', '.join(f'{a:.1%}' for a in accs)} | {met} |")
     md += ["", "Configurations meeting all three targets: " + (", ".join(all_three) or "none") + "."]
-    (RESULTS / "tradeoff.md").write_text("\n".join(md) + "\n")
-    _plot(results)
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    _plot(results, name)
     print("\n".join(md))
 
 
-def _plot(results: dict) -> None:
+def _plot(results: dict, name: str = "tradeoff") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +170,7 @@ def _plot(results: dict) -> None:
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "tradeoff.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
     plt.close(fig)
 
 
