@@ -152,7 +152,7 @@ def run_case(name: str, model_path: Path, data_spec: str, runs: int, work: Path,
     if tuning:
         flows.append((f"magnitude 50%{tuning} + int8", "weight", 0.5, recovery, ["tflite-int8", "tflite-sparse"]))
     unit = "filters" if p["granularity"] == "filter" else "weights"
-    if (p["granularity"], p["sparsity"]) != ("weight", 0.5) or not tuning:
+    if (p["granularity"], p["sparsity"]) != ("weight", 0.5):  # else it is one of the rows above
         flows.append((f"magnitude {unit} {p['sparsity']:.0%}{tuning} + int8", p["granularity"], p["sparsity"],
                       recovery, ["tflite-int8"]))
     for k, (flow, granularity, sparsity, settings, formats) in enumerate(flows):
