@@ -90,9 +90,9 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "distillation.json").write_text(json.dumps({"steps": steps, "rows": rows}, indent=2))
+    command = ("python benchmarks/distillation.py " + " ".join(sys.argv[1:])).strip()
     md = ["# Pruning + distillation: relevance vs magnitude (DS-CNN, kws01)", "",
-          f"Command: `python benchmarks/distillation.py --seeds {args.seeds}"
-          f"{'' if steps == p['distill_steps'] else f' --steps {steps}'}`; 50% of the filters of every layer "
+          f"Command: `{command}`; 50% of the filters of every layer "
           f"(channel_multiple {p['channel_multiple']}), {steps} distillation steps on the 500 calibration samples, "
           "accuracy on the 500 evaluation samples (original float 91.4%, official int8 90.6%).", "",
           "| ranking | seed | params | pruned, before distillation | distilled (float) | int8 TFLite | int8 bytes |",

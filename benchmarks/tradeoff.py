@@ -108,7 +108,7 @@ def write(results: dict, name: str = "tradeoff") -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
     official = results["official_int8_accuracy"]
     md = ["# DS-CNN width trade-off: accuracy vs speed-up vs size (kws01)", "",
-          f"Command: `{results.get('command') or 'python benchmarks/tradeoff.py --seeds ' + str(results['seeds'])}`; "
+          f"Command: `{results['command']}`; "
           "relevance filter pruning + "
           f"{results['steps']} distillation steps on the 500 calibration samples + full-integer int8 TFLite; "
           "accuracy on the 500 evaluation samples (one sample = 0.2 points), speed-up paired against the "

@@ -61,7 +61,6 @@ def test_ds_cnn_on_kws01(tmp_path):
     assert manifest_stripped(out)
 
 
-
 def test_resnet8_residual_model(tmp_path):
     from toolchain.model_io import load_model
 
