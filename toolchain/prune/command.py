@@ -58,7 +58,7 @@ def add_parser(sub):
                    help="epochs of fine-tuning on the training split, masks held fixed (default 0)")
     p.add_argument("--distill-steps", type=non_negative_int, default=0,
                    help="knowledge distillation from the original model on augmented calibration "
-                        "samples after pruning (no labels needed; 24000 in the default recipe)")
+                        "samples after pruning (no labels needed; 48000 in the default recipe)")
     p.add_argument("--distill-temperature", type=float, default=1.0, help="distillation temperature (default 1)")
     p.add_argument("--channel-multiple", type=positive_int, default=1,
                    help="filter granularity: keep a multiple of this many channels per layer (e.g. 16 "

@@ -11,8 +11,8 @@ SpecAugment-style masks (Park et al. 2019: one band of the first spatial axis, t
 second, the MFCC coefficients, each set to the calibration mean there) and a little Gaussian noise.
 The masks were the one augmentation among a dozen tried that moved DS-CNN at 32 channels: int8
 accuracy on kws01 88.3% -> 89.6% (mean of 3 seeds at 8000 steps; ``benchmarks/distillation.py``).
-With them, longer training pays: the default 24000 steps add about half a point more (3 seeds,
-``benchmarks/tradeoff.py``). The loss is
+With them, longer training pays: 24000 steps add about half a point (3 seeds,
+``benchmarks/tradeoff.py``), the default 48000 about 0.2 more. The loss is
 KL(teacher || student) at ``temperature``, scaled by ``temperature**2`` (Hinton et al. 2015).
 
 Written here because neither tfmot nor Keras 2.14 has a distillation API (Keras' ``Distiller`` is
@@ -32,7 +32,7 @@ from toolchain.errors import ConfigError
 
 @dataclass(frozen=True)
 class DistillConfig:
-    steps: int = 24000
+    steps: int = 48000
     temperature: float = 1.0
     #: share of the samples in a batch mixed with another sample (mixup weight ~ U(0, 1))
     mixup: float = 1.0
