@@ -28,12 +28,14 @@ from typing import Mapping, Optional
 import numpy as np
 
 from toolchain.errors import ConfigError
+from toolchain.recipe import DEFAULT_RECIPE
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    steps: int = 48000
-    temperature: float = 1.0
+    #: the default recipe's values, so ``DistillConfig()`` and a recipe-less run distil alike
+    steps: int = DEFAULT_RECIPE["prune"]["distill_steps"]
+    temperature: float = float(DEFAULT_RECIPE["prune"]["distill_temperature"])
     #: share of the samples in a batch mixed with another sample (mixup weight ~ U(0, 1))
     mixup: float = 1.0
     #: largest cyclic shift along the first spatial axis, as a fraction of its length
