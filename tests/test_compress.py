@@ -134,3 +134,43 @@ def test_auto_pruning_chooses_on_the_calibration_split(digits_model, tmp_path):
     assert [t["sparsity"] for t in auto["tried"]] == [0.9, 0.8]
     assert all(t["calibration_accuracy"] < auto["reference_calibration_accuracy"] for t in auto["tried"])
     assert auto["chosen"] is None and summary["prune"]["params_after"] == summary["prune"]["params_before"]
+
+
+DESTRUCTIVE_RECIPE = """
+relevance: {samples: 200}
+prune: {granularity: filter, mode: sparsity, sparsity: 0.9, distill_steps: 0}
+quantize: {enabled: false}
+export: {formats: [tflite-fp32]}
+bench: {enabled: false}
+"""
+
+
+def test_guard_compares_artifacts_with_the_original_model(digits_model, tmp_path, capsys):
+    """90% of the filters pruned without recovery: the artifact matches its (pruned) Keras model, so
+    export's own verification passes, but it lost far more than verify.max_accuracy_drop against the
+    user's original. The run fails with one line naming the artifact and the key, and writes nothing;
+    relaxing the key in the recipe lets it through and the summary/report show the drop."""
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(DESTRUCTIVE_RECIPE)
+    before = file_sha256(digits_model)
+    out = tmp_path / "build"
+    capsys.readouterr()
+    code = main(["compress", "--model", str(digits_model), "--data", "digits", "--recipe", str(strict),
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "verify.max_accuracy_drop" in err[0] and "compressed/" in err[0] and "original" in err[0], err[0]
+    assert not out.exists() and not list(tmp_path.glob(".build.*"))
+    assert file_sha256(digits_model) == before
+
+    relaxed = tmp_path / "relaxed.yaml"
+    relaxed.write_text(DESTRUCTIVE_RECIPE + "verify: {max_accuracy_drop: 1.0}\n")
+    assert main(["compress", "--model", str(digits_model), "--data", "digits", "--recipe", str(relaxed),
+                 "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    row = next(r for r in summary["artifacts"] if r["origin"] == "compressed")
+    assert row["original_accuracy"] == pytest.approx(summary["original"]["accuracy"])
+    assert row["accuracy_change"] == pytest.approx(row["accuracy"] - row["original_accuracy"])
+    assert row["accuracy_change"] < -0.05
+    report = (out / "report.md").read_text()
+    assert "vs original (points)" in report and f"{row['accuracy_change'] * 100:+.1f}" in report

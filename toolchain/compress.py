@@ -274,6 +274,9 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
         summary["verify"] = bundle.verify.to_dict()
         packed = summary["quantize"]["packed_weight_bytes"] if plan is not None else None
         rows = _artifact_rows(bundle, baseline, model, dataset, packed)
+        # the guard: every compressed artifact against the USER'S ORIGINAL model, not the pruned
+        # one export verified against; breaking a limit fails the run before anything is written
+        summary["original"] = _compare_with_original(rows, bundle, model, dataset, recipe["verify"])
         if recipe["bench"]["enabled"]:
             b = recipe["bench"]
             progress.stage("bench", f"target {b['target']}, {b['runs']} runs, threads {b['threads']}")
@@ -335,6 +338,49 @@ def _artifact_rows(bundle, baseline, original, dataset, packed: Optional[int]) -
         rows.append({"name": "compressed/mcu", "format": "mcu", "origin": "compressed",
                      "size_bytes": int(bundle.mcu.flash_bytes), "arena_bytes": int(bundle.mcu.arena_bytes)})
     return rows
+
+
+def _compare_with_original(rows: List[dict], bundle, original, dataset, limits: dict) -> dict:
+    """Annotate every artifact row with its change against the user's original Keras model and
+    raise ``VerificationError`` (naming each offender, by how much, and the recipe key) when a
+    compressed artifact breaks ``verify.max_accuracy_drop``.
+
+    The MCU row is the bundle's model run in tflite-micro on the first ``samples`` evaluation
+    samples, so it is compared with the original on those same samples."""
+    from toolchain.errors import VerificationError
+
+    x, y = dataset.x_eval, dataset.y_eval
+    original_top1 = np.argmax(original.predict(x, batch_size=256, verbose=0), axis=-1)
+    correct = original_top1 == y
+    reference = {"accuracy": float(correct.mean()), "samples": int(len(y)), "metric": "accuracy"}
+    micro = (bundle.mcu.manifest.get("tflite_micro") if bundle.mcu is not None else None) or {}
+    limit = float(limits["max_accuracy_drop"])
+    offenders = []
+    for row in rows:
+        if row["format"] == "mcu":
+            if micro.get("micro_accuracy") is None:
+                continue
+            n = int(micro["samples"])
+            row.update({"accuracy": float(micro["micro_accuracy"]), "accuracy_samples": n,
+                        "accuracy_runtime": "tflite-micro"})
+            base = float(correct[:n].mean())
+        else:
+            base = reference["accuracy"]
+        if row.get("accuracy") is None:
+            continue
+        row["original_accuracy"] = base
+        row["accuracy_change"] = row["accuracy"] - base
+        if row["origin"] == "compressed" and base - row["accuracy"] > limit + 1e-12:
+            offenders.append(f"{row['name']} {row['accuracy']:.2%} vs the original's {base:.2%} "
+                             f"(-{(base - row['accuracy']) * 100:.1f} points)")
+    if offenders:
+        raise VerificationError(
+            f"{len(offenders)} artifact(s) lose more accuracy against the original model than "
+            f"verify.max_accuracy_drop allows ({limit * 100:.1f} points) on {len(y)} evaluation samples: "
+            f"{'; '.join(offenders)}; compress less (prune.sparsity, quantize.bits) or recover more "
+            f"(prune.distill_steps, prune.fine_tune_epochs), or raise verify.max_accuracy_drop in the "
+            f"recipe to accept the loss")
+    return reference
 
 
 def _bench_rows(rows, data_spec, data_dir, b, bench_dir: Path, quiet) -> None:

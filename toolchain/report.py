@@ -17,6 +17,7 @@ ARTIFACT_COLUMNS = (
     ("name", "artifact", str),
     ("format", "format", str),
     ("accuracy", "accuracy", lambda v: f"{v:.2%}"),
+    ("accuracy_change", "vs original (points)", lambda v: f"{v * 100:+.1f}"),
     ("agreement", "agreement with original", lambda v: f"{v:.2%}"),
     ("packed_weight_bytes", "packed weights (B)", lambda v: f"{int(v):,}"),
     ("size_bytes", "artifact (B)", lambda v: f"{int(v):,}"),
