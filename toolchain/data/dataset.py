@@ -1,7 +1,9 @@
 """The ``Dataset`` every stage receives, and the check that it fits a model.
 
 A ``Dataset`` validates itself on construction, so every stage downstream can rely on: float32
-NHWC inputs without NaN/Inf, int64 class indices inside ``class_names``, matching lengths, and a
+inputs of any rank the layers take ((N, F) vectors, (N, T, C) sequences, (N, H, W, C) images)
+without NaN/Inf, targets that fit the task (int64 class indices inside ``class_names`` for a
+classifier, finite float32 targets for a regressor or an autoencoder), matching lengths, and a
 train split that is never empty. Its arrays are made read-only so ``content_hash`` stays a valid
 cache key for the object's whole life.
 """
@@ -16,7 +18,9 @@ import numpy as np
 from toolchain.errors import ConfigError, DataError
 
 # Arrays that make up a dataset's content, in the order they are hashed.
-_ARRAY_FIELDS = ("x_train", "y_train", "x_eval", "y_eval", "x_train_int8", "x_eval_int8")
+_ARRAY_FIELDS = ("x_train", "y_train", "x_eval", "y_eval", "x_train_int8", "x_eval_int8", "anomaly_eval")
+#: what a model does with its inputs; see ``toolchain.task``
+TASKS = ("classification", "regression", "autoencoder")
 
 
 def count_nonfinite(x: np.ndarray) -> int:
@@ -38,9 +42,14 @@ def _read_only(x: Optional[np.ndarray]) -> Optional[np.ndarray]:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A classification dataset split into a train/calibration part and an optional eval part.
+    """A dataset split into a train/calibration part and an optional eval part.
 
-    ``x_*`` are float32 ``(N, H, W, C)``; ``y_*`` are int64 class indices ``(N,)``.
+    ``x_*`` are float32 ``(N, ...)`` (``input_shape`` is one sample's shape). ``task`` says what the
+    targets are: ``classification``: ``y_*`` int64 class indices ``(N,)`` naming ``class_names``;
+    ``regression``: ``y_*`` float32 ``(N, K...)`` and ``class_names == ()``; ``autoencoder``:
+    ``y_*`` float32 reconstruction targets (the inputs themselves for the usual autoencoder) and
+    ``class_names == ()``, with optional ``anomaly_eval`` (int64 0/1 per evaluation sample,
+    1 = anomalous) for the ROC AUC of the reconstruction error.
     ``x_eval``/``y_eval`` are ``None`` when the source has no evaluation split.
     ``x_train_int8``/``x_eval_int8`` hold the source's original int8 samples when the data ships
     already quantized (kws01); ``input_quantization`` is then the ``(scale, zero_point)`` that maps
@@ -60,6 +69,8 @@ class Dataset:
     x_train_int8: Optional[np.ndarray] = None
     x_eval_int8: Optional[np.ndarray] = None
     input_quantization: Optional[tuple[float, int]] = None
+    task: str = "classification"
+    anomaly_eval: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -69,7 +80,13 @@ class Dataset:
     # -- invariants -------------------------------------------------------------------------
     def _validate(self) -> None:
         where = f"dataset {self.name!r}"
-        if not isinstance(self.class_names, tuple) or not self.class_names or not all(
+        if self.task not in TASKS:
+            raise DataError(f"{where}: task is {self.task!r}; it must be one of {', '.join(TASKS)}")
+        if not self.is_classification:
+            if self.class_names != ():
+                raise DataError(f"{where}: a {self.task} dataset has no classes, but class_names is "
+                                f"{self.class_names!r}; pass class_names=()")
+        elif not isinstance(self.class_names, tuple) or not self.class_names or not all(
             isinstance(c, str) for c in self.class_names
         ):
             raise DataError(
@@ -91,6 +108,14 @@ class Dataset:
             )
         if self.x_eval is not None:
             self._validate_split("x_eval", "y_eval", required=False)
+        if self.anomaly_eval is not None:
+            a = self.anomaly_eval
+            if self.task != "autoencoder" or self.x_eval is None or not isinstance(a, np.ndarray) or \
+                    a.dtype != np.int64 or a.shape != (len(self.x_eval),) or not np.isin(a, (0, 1)).all():
+                raise DataError(
+                    f"{where}: anomaly_eval is {_describe(a)}, but it must be an int64 0/1 array with one "
+                    "entry per evaluation sample (1 = anomalous) of an autoencoder dataset with an eval split"
+                )
         self._validate_int8("x_train_int8", "x_train")
         self._validate_int8("x_eval_int8", "x_eval")
         has_int8 = self.x_train_int8 is not None or self.x_eval_int8 is not None
@@ -116,16 +141,21 @@ class Dataset:
     def _validate_split(self, x_name: str, y_name: str, required: bool) -> None:
         where = f"dataset {self.name!r}"
         x, y = getattr(self, x_name), getattr(self, y_name)
-        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4:
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 2:
             raise DataError(
                 f"{where}: {x_name} is {_describe(x)}, but it must be a float32 array of shape "
-                "(N, H, W, C); add a channel axis to grayscale images and cast with "
-                ".astype(np.float32)"
+                "(N, F), (N, T, C) or (N, H, W, C); cast with .astype(np.float32)"
             )
-        if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.ndim != 1:
+        if self.is_classification:
+            if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.ndim != 1:
+                raise DataError(
+                    f"{where}: {y_name} is {_describe(y)}, but it must be an int64 array of class "
+                    "indices of shape (N,); convert one-hot labels with argmax(axis=1)"
+                )
+        elif not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.ndim < 2:
             raise DataError(
-                f"{where}: {y_name} is {_describe(y)}, but it must be an int64 array of class "
-                "indices of shape (N,); convert one-hot labels with argmax(axis=1)"
+                f"{where}: {y_name} is {_describe(y)}, but the targets of a {self.task} dataset must be a "
+                "float32 array of shape (N, K...); reshape a (N,) target to (N, 1)"
             )
         if len(x) == 0:
             raise DataError(
@@ -149,6 +179,12 @@ class Dataset:
                 f"{where}: {x_name} has {bad} NaN/Inf values among {x.size}; clean or drop those "
                 "samples before loading"
             )
+        if not self.is_classification:
+            bad = count_nonfinite(y)
+            if bad:
+                raise DataError(f"{where}: {y_name} has {bad} NaN/Inf targets among {y.size}; clean or drop "
+                                "those samples before loading")
+            return
         lowest, highest = int(y.min()), int(y.max())
         if lowest < 0:
             raise DataError(
@@ -176,6 +212,15 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task == "classification"
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """One sample's target: ``()`` for class indices, ``(K...)`` for float targets."""
+        return tuple(self.y_train.shape[1:])
 
     def calibration(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The first ``n`` samples of the train split (all of them for ``None``), with labels.
@@ -205,10 +250,14 @@ class Dataset:
         different path hash the same, so caches keyed on it are shared.
         """
         h = hashlib.sha256()
+        if not self.is_classification:  # classification hashes as before, so caches stay valid
+            h.update(f"task={self.task}".encode())
         h.update(repr(self.class_names).encode())
         h.update(repr(self.input_quantization).encode())
         for name in _ARRAY_FIELDS:
             a = getattr(self, name)
+            if name == "anomaly_eval" and a is None:
+                continue  # absent for every classification dataset: their hashes stay as before
             h.update(name.encode())
             if a is None:
                 h.update(b"<none>")
@@ -220,10 +269,8 @@ class Dataset:
     def summary(self) -> str:
         """One line for logs: name, shapes, split sizes, class count."""
         n_eval = 0 if self.x_eval is None else len(self.x_eval)
-        return (
-            f"{self.name}: input {self.input_shape}, {self.num_classes} classes, "
-            f"{len(self.x_train)} train / {n_eval} eval"
-        )
+        what = f"{self.num_classes} classes" if self.is_classification else f"{self.task}, targets {self.target_shape}"
+        return f"{self.name}: input {self.input_shape}, {what}, {len(self.x_train)} train / {n_eval} eval"
 
 
 def _describe(a: object) -> str:
