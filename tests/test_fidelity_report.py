@@ -9,7 +9,7 @@ import pytest
 
 from toolchain.fidelity import dequantized_copy, pearson_rows
 from toolchain.quantize.bitplan import BitPlan, LayerBits
-from toolchain.report import write_report
+from toolchain.report import CAPTIONS, write_report
 
 
 def test_pearson_rows_against_numpy():
@@ -75,7 +75,8 @@ def test_report_embeds_plots_and_tables(tmp_path):
     assert "src='http" not in page and "<script" not in page  # self-contained
     for text in ("model_int8.tflite", "12,345", "97.10%", "0.910", "lrp.epsilon", "2.14.1"):
         assert text in page and text in md, text
-    assert "![relevance_layers.png](relevance_layers.png)" in md
+    # figures carry captions that say what they show, not their file names
+    assert f"![{CAPTIONS['relevance_layers.png']}](relevance_layers.png)" in md
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -244,12 +244,12 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
             compressed, prune_summary, cached = _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet)
             if cached:
                 summary["cached_stages"].append("prune")
-            summary["prune"] = prune_summary
+            summary["prune"] = {**prune_summary, "channels": _channels(model, compressed)}
             from toolchain.model_io import save_model
 
             save_model(compressed, stage / "model_pruned.keras")
             if prune_summary.get("layer_sparsity"):
-                _plot_sparsity(prune_summary, stage / "prune_sparsity.png")
+                _plot_sparsity(summary["prune"], stage / "prune_sparsity.png")
 
         # 3. mixed-precision bit plan, simulated
         plan = None
@@ -262,15 +262,16 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
                 summary["cached_stages"].append("quantize")
             plan.save(stage / "bitplan.json")
             summary["quantize"] = {**quant_summary, "plan": plan.to_dict(), "allocator": plan.allocator,
-                                   "budget": plan.budget}
-            _plot_bits(plan, stage / "bit_widths.png")
+                                   "budget": plan.budget, "budget_text": _budget_text(q)}
+            _plot_bits(plan, stage / "bit_widths.png", _budget_text(q))
 
         # 4./5. export + verify (in their runtimes), then benchmark
         formats = [f for f in parse_formats(recipe["export"]["formats"]) if plan is not None or "mixed" not in f]
         progress.stage("export", ", ".join(formats))
         bundle = export(compressed, dataset, formats, stage / "artifacts", bitplan=plan,
                         thresholds=_verify_overrides(recipe), quiet=quiet)
-        baseline = export(model, dataset, ["tflite-fp32"], stage / "baseline", quiet=quiet)
+        # reference points: the original as float32 and as the standard flow's uniform int8
+        baseline = export(model, dataset, ["tflite-fp32", "tflite-int8"], stage / "baseline", quiet=quiet)
         summary["verify"] = bundle.verify.to_dict()
         packed = summary["quantize"]["packed_weight_bytes"] if plan is not None else None
         rows = _artifact_rows(bundle, baseline, model, dataset, packed)
@@ -281,6 +282,8 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
             b = recipe["bench"]
             progress.stage("bench", f"target {b['target']}, {b['runs']} runs, threads {b['threads']}")
             _bench_rows(rows, data_spec, data_dir, b, stage / "bench", quiet)
+        _gains(rows)
+        summary["measured_on"] = _measured_on(rows, recipe["bench"])
         for row in rows:  # paths in summary.json are relative to the build directory
             if "path" in row:
                 row["path"] = str(Path(row["path"]).resolve().relative_to(stage.resolve()))
@@ -294,7 +297,9 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
 
         # 7. report
         progress.stage("report", "report.html, report.md")
+        plot_tradeoff(rows, summary.get("original"), stage / "tradeoff.png")
         summary["headline"] = _headline(rows)
+        summary["headline_format"] = (_headline_row(rows) or {}).get("format")
         summary["input_model_sha256"] = input_hash
         (stage / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
         from toolchain.report import write_report
@@ -383,6 +388,106 @@ def _compare_with_original(rows: List[dict], bundle, original, dataset, limits: 
     return reference
 
 
+#: what each artifact is, in words (``origin``, ``format``) -> label
+_LABELS = {("baseline", "tflite-fp32"): "original, float32 TFLite",
+           ("baseline", "tflite-int8"): "original, uniform int8 TFLite (the standard flow)",
+           ("compressed", "tflite-fp32"): "compressed, float32 TFLite (pruned, not quantized)",
+           ("compressed", "tflite-int8"): "compressed, int8 TFLite",
+           ("compressed", "tflite-mixed"): "compressed, mixed-precision TFLite (the bit plan)",
+           ("compressed", "onnx-fp32"): "compressed, float32 ONNX (pruned, not quantized)",
+           ("compressed", "onnx-int8"): "compressed, int8 ONNX",
+           ("compressed", "onnx-mixed"): "compressed, mixed-precision ONNX",
+           ("compressed", "mcu"): "compressed, microcontroller bundle (tflite-micro)"}
+
+
+def _gains(rows: List[dict]) -> None:
+    """``label``, ``x_smaller`` and ``x_faster`` against the original float32 TFLite, and a flag on
+    artifacts slower than it (ONNX int8 on some CPUs, INT4 kernels on XNNPACK)."""
+    base = next((r for r in rows if r["origin"] == "baseline" and r["format"] == "tflite-fp32"), None)
+    for row in rows:
+        row["label"] = _LABELS.get((row["origin"], row["format"]), f"{row['origin']}, {row['format']}")
+        if base is None:
+            continue
+        row["x_smaller"] = base["size_bytes"] / row["size_bytes"] if row.get("size_bytes") else None
+        if row.get("p50_ms") and base.get("p50_ms"):
+            row["x_faster"] = base["p50_ms"] / row["p50_ms"]
+            row["slower_than_float"] = row["x_faster"] < 1.0
+
+
+def _measured_on(rows: List[dict], bench_recipe: dict) -> dict:
+    """Where and how the latencies were measured, in words the report prints next to them."""
+    timed = [r for r in rows if r.get("p50_ms")]
+    if not timed:
+        return {"text": "latency not measured (bench.enabled: false)"}
+    emulated = any(r.get("emulated") for r in timed)
+    target = bench_recipe["target"]
+    cpu = _cpu_name() if target == "local" else None
+    where = ("QEMU-emulated " + target + " (emulated timings, not board timings)" if emulated
+             else f"this host ({cpu}, {platform.machine()})" if target == "local" else target)
+    configs = sorted({r.get("bench_config", "") for r in timed if r.get("bench_config")})
+    return {"target": target, "emulated": emulated, "cpu": cpu, "configs": configs,
+            "text": f"latency: {where}; single-sample inference, p50/p99 of {bench_recipe['runs']} runs; "
+                    f"{'; '.join(configs)}"}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _channels(original, compressed) -> Dict[str, dict]:
+    """Output channels kept of each kernel layer (filter pruning keeps layer names)."""
+    from toolchain.quantize.kernels import KERNEL_ATTRS
+
+    def width(layer):
+        return int(getattr(layer, KERNEL_ATTRS[type(layer).__name__]).shape[-1] *
+                   (getattr(layer, KERNEL_ATTRS[type(layer).__name__]).shape[-2]
+                    if type(layer).__name__ == "DepthwiseConv2D" else 1))
+
+    kept = {l.name: width(l) for l in compressed.layers if type(l).__name__ in KERNEL_ATTRS}
+    return {l.name: {"kept": kept[l.name], "total": width(l)} for l in original.layers
+            if type(l).__name__ in KERNEL_ATTRS and l.name in kept}
+
+
+def plot_tradeoff(rows: List[dict], original: Optional[dict], path: Path) -> None:
+    """Size (x, log) against the task's metric (y), marker area by p50 latency: every artifact and
+    the reference points (original float32, the standard flow's uniform int8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = (original or {}).get("metric", "accuracy")
+    points = [r for r in rows if r.get(metric) is not None and r.get("size_bytes")]
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    lat = [r["p50_ms"] for r in points if r.get("p50_ms")]
+    scale = 600 / max(lat) if lat else 0
+    for r in points:
+        ref = r["origin"] == "baseline"
+        size = 40 + scale * r["p50_ms"] if r.get("p50_ms") else 40
+        value = r[metric] * (100 if metric == "accuracy" else 1)
+        ax.scatter(r["size_bytes"] / 1024, value, s=size, alpha=0.75, marker="s" if ref else "o",
+                   color="tab:gray" if ref else "tab:green", edgecolor="black", linewidth=0.5)
+        ax.annotate(r["label"].replace("compressed, ", "").replace("original, ", "original "),
+                    (r["size_bytes"] / 1024, value), fontsize=7, xytext=(6, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("artifact size (KiB, log scale)")
+    ax.set_ylabel(f"{metric} on the evaluation split" + (" (%)" if metric == "accuracy" else ""))
+    ax.set_title("Size vs " + metric + " (grey squares: the original and the standard flow; "
+                 "marker area: p50 latency)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _bench_rows(rows, data_spec, data_dir, b, bench_dir: Path, quiet) -> None:
     from deploy.bench import bench
 
@@ -408,62 +513,106 @@ def _fidelity(model, compressed, plan, dataset, rule, stage: Path, quiet) -> dic
     return result.summary()
 
 
-def _headline(rows: List[dict]) -> str:
-    base = next((r for r in rows if r["origin"] == "baseline" and r["format"] == "tflite-fp32"), None)
+def _headline_row(rows: List[dict]) -> Optional[dict]:
+    """The artifact the summary leads with: the mixed-precision TFLite when exported, else the first
+    other compressed TFLite."""
     best = [r for r in rows if r["origin"] == "compressed" and r["format"].startswith("tflite")
             and r["format"] != "tflite-fp32"]
-    if base is None or not best:
+    return next((r for r in best if r["format"] == "tflite-mixed"), best[0] if best else None)
+
+
+def _headline(rows: List[dict]) -> str:
+    base = next((r for r in rows if r["origin"] == "baseline" and r["format"] == "tflite-fp32"), None)
+    pick = _headline_row(rows)
+    if base is None or pick is None:
         return ""
-    pick = next((r for r in best if r["format"] == "tflite-mixed"), best[0])
-    text = (f"{pick['format']}: {pick['size_bytes']:,} bytes ({pick['size_bytes'] / base['size_bytes']:.0%} of the "
-            f"original float32 TFLite), accuracy {pick['accuracy']:.2%} (original {base['accuracy']:.2%}), "
-            f"agreement with the original {pick['agreement']:.2%}")
+    text = (f"{pick['format']}: {pick['size_bytes']:,} bytes, {base['size_bytes'] / pick['size_bytes']:.1f}x smaller "
+            f"than the original float32 TFLite; accuracy {pick['accuracy']:.2%} (original {base['accuracy']:.2%}, "
+            f"{(pick['accuracy'] - base['accuracy']) * 100:+.1f} points), agreement with the original "
+            f"{pick['agreement']:.2%}")
     if pick.get("p50_ms") and base.get("p50_ms"):
-        text += f", p50 {pick['p50_ms']:.3f} ms ({base['p50_ms'] / pick['p50_ms']:.1f}x faster than float32)"
+        text += f"; p50 {pick['p50_ms']:.3f} ms, {base['p50_ms'] / pick['p50_ms']:.1f}x faster than float32"
     return text
 
 
+def _budget_text(q: dict) -> str:
+    """The quantize section's budget in words (a single-width uniform plan has none)."""
+    if q["allocator"] == "uniform" and len(q["bits"]) == 1:
+        return f"uniform {q['bits'][0]}-bit weights"
+    return f"budget {q['budget']}, candidate widths {q['bits']}"
+
+
 def _plot_sparsity(prune_summary: dict, path: Path) -> None:
+    """Filter pruning: channels kept of each layer's original output channels. Weight pruning:
+    the share of each kernel's weights set to zero."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(prune_summary["layer_sparsity"])
-    values = [prune_summary["layer_sparsity"][n] for n in names]
+    channels = prune_summary.get("channels") or {}
+    filters = prune_summary["granularity"] == "filter" and all(n in channels for n in names)
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.35 * len(names) + 1)))
-    ax.barh(names, values, color="tab:purple")
-    ax.set_xlim(0, 1)
+    if filters:
+        total = [channels[n]["total"] for n in names]
+        kept = [channels[n]["kept"] for n in names]
+        ax.barh(names, total, color="#dddddd", label="original output channels")
+        ax.barh(names, kept, color="tab:purple", label="kept")
+        for i, (k, t) in enumerate(zip(kept, total)):
+            ax.text(t, i, f" {k} of {t}", va="center", fontsize=7)
+        ax.set_xlabel("output channels (filters) per layer")
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.barh(names, [prune_summary["layer_sparsity"][n] for n in names], color="tab:purple")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of the layer's weights set to zero")
     ax.invert_yaxis()
-    ax.set_xlabel("fraction of the kernel removed")
     ax.set_title(f"{prune_summary['criterion']} / {prune_summary['granularity']}: parameters "
-                 f"{prune_summary['params_before']:,} → {prune_summary['params_after']:,}")
+                 f"{prune_summary['params_before']:,} → {prune_summary['params_after']:,}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _plot_bits(plan, path: Path) -> None:
+#: colour of each weight width in the bit-plan plot (32 = kept in float)
+BIT_COLOURS = {2: "#d73027", 3: "#f46d43", 4: "#fdae61", 5: "#fee08b", 6: "#d9ef8b", 7: "#a6d96a",
+               8: "#1a9850", 16: "#4575b4", 32: "#888888"}
+
+
+def _plot_bits(plan, path: Path, budget_text: str = "") -> None:
+    """One bar per kernel layer at its average weight width; per-group widths (group granularity)
+    as ticks on the bar; colours by width with a legend (grey: kept in float)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     names = list(plan.layers)
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.35 * len(names) + 1)))
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.35 * len(names) + 1.2)))
+    used = set()
     for i, name in enumerate(names):
         lb = plan.layers[name]
         widths = list(lb.group_bits) if lb.group_bits else [lb.weight_bits]
-        n = len(widths)
-        for j, w in enumerate(widths):
-            ax.barh(i, 1 / n, left=j / n, color=plt.cm.viridis(min(w, 8) / 8), edgecolor="white")
-            if n <= 16:
-                ax.text((j + 0.5) / n, i, str(w), ha="center", va="center", fontsize=7,
-                        color="black" if w >= 6 else "white")
+        avg = float(np.mean(widths))
+        main = max(set(widths), key=widths.count)
+        used.update(widths)
+        ax.barh(i, min(avg, 8.6) if main == 32 else avg, color=BIT_COLOURS.get(main, "black"), edgecolor="white")
+        label = "float32" if main == 32 else (f"{avg:.2g} (groups: {min(widths)}-{max(widths)})"
+                                             if len(set(widths)) > 1 else f"{main}")
+        ax.text(0.1, i, label, va="center", fontsize=7)
+        if len(set(widths)) > 1:
+            for w in widths:
+                ax.plot([w, w], [i - 0.35, i + 0.35], color=BIT_COLOURS.get(w, "black"), linewidth=1.5)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.set_xlabel("output channels (groups) → bit width")
-    ax.set_title(f"bit plan: {plan.allocator}, budget {plan.budget}")
+    ax.set_xlim(0, 9)
+    ax.set_xlabel("weight bits per weight (bar: layer average; ticks: each channel group's width)")
+    ax.legend(handles=[Patch(color=BIT_COLOURS[w], label="float32" if w == 32 else f"{w}-bit")
+                       for w in sorted(used) if w in BIT_COLOURS],
+              fontsize=7, loc="lower right", title="width", title_fontsize=7)
+    ax.set_title(f"bit plan: {plan.allocator} allocator{', ' + budget_text if budget_text else ''}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -29,6 +29,38 @@ ARTIFACT_COLUMNS = (
 )
 
 
+#: captions of the plots, by file name
+CAPTIONS = {
+    "tradeoff.png": "Size against the evaluation metric for every artifact (grey squares: the original "
+                    "float32 model and the standard flow's uniform int8; marker area: p50 latency).",
+    "relevance_layers.png": "Distribution of LRP relevance over each layer's weights (calibration samples).",
+    "prune_sparsity.png": "What pruning kept in each layer.",
+    "bit_widths.png": "Weight width of each layer (and channel group) in the bit plan.",
+    "fidelity_heatmaps.png": "Input relevance of the original and the compressed model on evaluation samples.",
+}
+
+
+def _gain_rows(summary: Mapping) -> List[List[str]]:
+    """The first table: per artifact what was gained (x smaller, x faster) and lost (metric vs the
+    original), headline first."""
+    art = list(summary.get("artifacts", []))
+    head = summary.get("headline_format")
+    art.sort(key=lambda r: (r.get("origin") != "compressed", r.get("format") != head))
+    rows = []
+    for r in art:
+        change = r.get("accuracy_change")
+        flag = " (slower than float32)" if r.get("slower_than_float") else ""
+        rows.append([
+            r.get("label", r.get("name", "–")), f"{int(r['size_bytes']):,} B" if r.get("size_bytes") else "–",
+            f"{r['x_smaller']:.1f}x" if r.get("x_smaller") else "–",
+            f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "–",
+            f"{change * 100:+.1f} points" if change is not None else "–",
+            f"{r['p50_ms']:.3f} ms" if r.get("p50_ms") else "–",
+            (f"{r['x_faster']:.1f}x{flag}" if r.get("x_faster") else "–"),
+        ])
+    return rows
+
+
 def _cell(row: Mapping, key: str, fmt) -> str:
     value = row.get(key)
     if value is None:
@@ -56,6 +88,18 @@ def sections(summary: Mapping) -> List[dict]:
     out = []
     art = summary.get("artifacts", [])
     if art:
+        measured = (summary.get("measured_on") or {}).get("text", "")
+        original = summary.get("original") or {}
+        ref = (f"The reference for every change is the original model: accuracy {original['accuracy']:.2%} on "
+               f"{original['samples']} evaluation samples. " if original.get("accuracy") is not None else "")
+        micro_note = (" The microcontroller row's accuracy comes from tflite-micro on its first evaluation samples "
+                      "and is compared with the original on those same samples." if any(
+                          r.get("format") == "mcu" and r.get("accuracy") is not None for r in art) else "")
+        out.append({"title": "What you gain and what you lose", "text": ref + "x smaller and x faster are "
+                    "against the original float32 TFLite model; " + (measured or "latency not measured") + "."
+                    + micro_note,
+                    "headers": ["artifact", "size", "x smaller", "accuracy", "change vs original", "p50",
+                                "x faster"], "rows": _gain_rows(summary), "plots": ["tradeoff.png"]})
         text = ""
         micro = (summary.get("mcu") or {}).get("tflite_micro")
         if micro:
@@ -76,12 +120,18 @@ def sections(summary: Mapping) -> List[dict]:
                  f"{l['negative_share']:.1%}"] for name, l in rel["layers"].items()]
         out.append({"title": "Relevance", "text": f"{rel['rule']} on {rel['samples']} calibration samples, "
                     f"explaining the {rel['class_selection']} class.",
-                    "headers": ["layer", "class", "sum", "> 0", "= 0", "< 0"], "rows": rows,
+                    "headers": ["layer", "layer type", "sum of relevance", "weights > 0", "= 0", "< 0"],
+                    "rows": rows,
                     "plots": ["relevance_layers.png"]})
     pr = summary.get("prune")
     if pr:
-        rows = [[name, f"{s:.1%}", ", ".join(map(str, pr.get("removed_channels", {}).get(name, [])))[:80] or "–"]
-                for name, s in pr["layer_sparsity"].items()]
+        channels = pr.get("channels") or {}
+        rows = []
+        for name, share in pr["layer_sparsity"].items():
+            removed = pr.get("removed_channels", {}).get(name, [])
+            shown = ", ".join(map(str, removed[:12])) + (f", … ({len(removed)} in all)" if len(removed) > 12 else "")
+            c = channels.get(name)
+            rows.append([name, f"{c['kept']} of {c['total']}" if c else "–", f"{share:.1%}", shown or "–"])
         acc_b, acc_a = pr.get("accuracy_before"), pr.get("accuracy_after")
         acc = (f" Accuracy {acc_b:.2%} → {acc_a:.2%} on the evaluation split."
                if acc_b is not None and acc_a is not None else "")
@@ -106,8 +156,12 @@ def sections(summary: Mapping) -> List[dict]:
                             else "."))
         out.append({"title": "Pruning", "text": f"{pr['criterion']} criterion, {pr['granularity']} granularity, "
                     f"{pr['rule']}: parameters {pr['params_before']:,} → {pr['params_after']:,}.{acc}{auto_text}"
-                    f"{dist_text}",
-                    "headers": ["layer", "sparsity", "removed channels"], "rows": rows,
+                    + (" Removing a layer's output channels also removes the matching input channels of the "
+                       "layer after it, so the share of a kernel removed can exceed the share of its "
+                       "filters removed." if pr["granularity"] == "filter" else "")
+                    + dist_text,
+                    "headers": ["layer", "output channels kept", "share of the kernel removed",
+                                "removed channel indices"], "rows": rows,
                     "plots": ["prune_sparsity.png"]})
     qu = summary.get("quantize")
     if qu:
@@ -115,7 +169,8 @@ def sections(summary: Mapping) -> List[dict]:
         for name, lb in qu["plan"]["layers"].items():
             widths = lb["group_bits"] if lb.get("group_bits") else [lb["weight_bits"]]
             rows.append([name, " ".join(map(str, widths))[:80], str(lb["activation_bits"])])
-        out.append({"title": "Bit widths", "text": f"{qu['allocator']} allocator, budget {qu.get('budget')}: "
+        out.append({"title": "Bit widths", "text": f"{qu['allocator']} allocator, "
+                    f"{qu.get('budget_text') or 'budget ' + str(qu.get('budget'))}: "
                     f"{qu['avg_weight_bits']:.2f} average bits per weight, {int(qu['packed_weight_bytes']):,} packed "
                     f"weight bytes; simulated accuracy {qu['accuracy']:.2%}.",
                     "headers": ["layer", "weight bits (per group)", "activation bits"], "rows": rows,
@@ -160,10 +215,11 @@ def write_report(summary: Mapping, out_dir: str | Path) -> Dict[str, Path]:
         for plot in sec["plots"]:
             path = out_dir / plot
             if path.is_file():
-                md += [f"![{plot}]({plot})", ""]
+                md += [f"![{CAPTIONS.get(plot, plot)}]({plot})", ""]
                 data = base64.b64encode(path.read_bytes()).decode()
-                body.append(f"<figure><img alt='{html.escape(plot)}' src='data:image/png;base64,{data}'>"
-                            f"<figcaption>{html.escape(plot)}</figcaption></figure>")
+                caption = CAPTIONS.get(plot, plot)
+                body.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     style = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}"
              "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
              "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
