@@ -12,9 +12,10 @@ import json
 import platform
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 
@@ -33,6 +34,15 @@ class CompressResult:
     @property
     def headline(self) -> str:
         return self.summary.get("headline", "")
+
+    @property
+    def artifacts(self) -> Dict[str, Path]:
+        """Each compressed artifact's format -> its file (``mcu`` -> the bundle folder)."""
+        out = {r["format"]: self.out_dir / r["path"] for r in self.summary.get("artifacts", [])
+               if r["origin"] == "compressed" and "path" in r}
+        if "mcu" in self.summary:
+            out["mcu"] = self.out_dir / "artifacts" / "mcu"
+        return out
 
 
 class _Progress:
@@ -182,7 +192,7 @@ def _verify_overrides(recipe) -> dict:
             for kind in ("int8", "mixed")}
 
 
-def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optional[str] = None,
+def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[None, str, dict] = None,
                  target: Optional[str] = None, trust_model: bool = False, data_dir: Optional[str] = None,
                  quiet: bool = False) -> CompressResult:
     from toolchain.export import export, parse_formats
@@ -194,7 +204,8 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Optiona
     from toolchain.relevance.plots import plot_layer_distributions
 
     # -- everything that can be checked is checked before any work ---------------------------
-    recipe = load_recipe(recipe_path)
+    # a dict is a recipe given in Python (toolchain.api), validated exactly like a YAML file
+    recipe = validate(recipe_path, "recipe (dict)") if isinstance(recipe_path, dict) else load_recipe(recipe_path)
     if target is not None:
         recipe = validate({**recipe, "bench": {**recipe["bench"], "target": target}}, "recipe (--target)")
     parse_formats(recipe["export"]["formats"])
@@ -424,7 +435,8 @@ def _measured_on(rows: List[dict], bench_recipe: dict) -> dict:
     cpu = _cpu_name() if target == "local" else None
     where = ("QEMU-emulated " + target + " (emulated timings, not board timings)" if emulated
              else f"this host ({cpu}, {platform.machine()})" if target == "local" else target)
-    configs = sorted({r.get("bench_config", "") for r in timed if r.get("bench_config")})
+    configs = sorted({f"{'ONNX Runtime' if r['format'].startswith('onnx') else 'TFLite'} {r['bench_config']}"
+                      for r in timed if r.get("bench_config")})
     return {"target": target, "emulated": emulated, "cpu": cpu, "configs": configs,
             "text": f"latency: {where}; single-sample inference, p50/p99 of {bench_recipe['runs']} runs; "
                     f"{'; '.join(configs)}"}
@@ -616,3 +628,17 @@ def _plot_bits(plan, path: Path, budget_text: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+class _CallableModule(types.ModuleType):
+    """``toolchain.compress(model, data, ...)`` is the notebook API (:func:`toolchain.api.compress`).
+    Python binds an imported submodule to its package's attribute of the same name, so this module
+    *is* ``toolchain.compress``: calling it runs the API, and ``run_compress`` stays importable."""
+
+    def __call__(self, *args, **kwargs):
+        from toolchain.api import compress
+
+        return compress(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
