@@ -1,6 +1,8 @@
 """A slow, independent LRP in float64 numpy, written straight from the formulas (Bach et al. 2015,
-Montavon et al. 2019), for checking the engine. Supports Dense, Conv2D and DepthwiseConv2D with
-stride 1 and 'valid' padding, ReLU/linear activations and Flatten — enough for small test nets.
+Montavon et al. 2019), for checking the engine. Supports Dense, Conv1D, Conv2D and DepthwiseConv2D
+with stride 1 and 'valid' padding, ReLU/linear activations and Flatten — enough for small test nets.
+A Conv1D over (T, C) is the Conv2D of its (1, k, cin, cout) kernel over the (1, T, C) image: the
+same sums of a_i w_ij, so the same formulas.
 
 For every linear layer z_j = sum_i a_i w_ij + b_j the relevance R_j at its output is split into
 messages R_ij; per-weight relevance is the message summed over positions and samples.
@@ -84,6 +86,11 @@ def _messages(layer_class, a, w, b, r_out, rule):
 def reference_relevance(layers, x, neurons, rule):
     """LRP of a sequential net. ``layers``: list of (class, kernel, bias, activation) or
     ("Flatten",). Returns (per-weight relevance per kernel layer index, input relevance)."""
+    conv1d = {i for i, spec in enumerate(layers) if spec[0] == "Conv1D"}
+    if conv1d:
+        as_2d = [("Conv2D", spec[1][None], *spec[2:]) if i in conv1d else spec for i, spec in enumerate(layers)]
+        per_weight, r = reference_relevance(as_2d, x[:, None], neurons, rule)
+        return {i: (w[0] if i in conv1d else w) for i, w in per_weight.items()}, r[:, 0]
     acts = [x.astype(np.float64)]
     for spec in layers:
         a = acts[-1]

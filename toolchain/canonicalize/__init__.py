@@ -2,7 +2,7 @@
 
 ``canonicalize(model)`` returns a new Functional model (the user's model is never touched) in which
 
-* BatchNormalization directly after a Conv2D / DepthwiseConv2D / Dense with linear activation is
+* BatchNormalization directly after a kernel layer (``toolchain.layers``) with linear activation is
   folded into that layer's kernel and bias (unfolded BN makes iNNvestigate's relevance explode);
 * Dropout-like layers (identity at inference) are dropped;
 * optionally (``strip_softmax=True``) the final softmax is removed, since LRP explains logits;
@@ -23,36 +23,11 @@ import numpy as np
 
 from toolchain.errors import UnsupportedLayerError
 
-KERNEL = "kernel"          # has weights LRP scores per weight
-PASS = "pass"              # kept as is; iNNvestigate has a mapping for it
-DROP = "drop"              # identity at inference: removed
-FOLD = "fold"              # folded into the preceding kernel layer
+from toolchain.layers import CANONICAL_ROLES, DROP, FOLD, KERNEL, KERNEL_LAYERS, PASS, kernel_names  # noqa: F401
 
-#: layer class name -> role. Anything else is refused with its name and class.
-SUPPORTED_LAYERS: Mapping[str, str] = {
-    "Conv2D": KERNEL,
-    "DepthwiseConv2D": KERNEL,
-    "Dense": KERNEL,
-    "BatchNormalization": FOLD,
-    "InputLayer": PASS,
-    "ReLU": PASS,
-    "Activation": PASS,
-    "Softmax": PASS,
-    "Flatten": PASS,
-    "Reshape": PASS,
-    "MaxPooling2D": PASS,
-    "AveragePooling2D": PASS,
-    "GlobalAveragePooling2D": PASS,
-    "GlobalMaxPooling2D": PASS,
-    "ZeroPadding2D": PASS,
-    "Add": PASS,
-    "Concatenate": PASS,
-    "Dropout": DROP,
-    "SpatialDropout2D": DROP,
-    "GaussianNoise": DROP,
-    "GaussianDropout": DROP,
-    "AlphaDropout": DROP,
-}
+#: layer class -> role (KERNEL / PASS / DROP / FOLD), read from ``toolchain.layers``. Anything else
+#: is refused with its name and class.
+SUPPORTED_LAYERS: Mapping[str, str] = CANONICAL_ROLES
 
 #: activations LRP handles (relevance passes through them unchanged)
 SUPPORTED_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
@@ -119,7 +94,7 @@ def fold_batchnorm_weights(layer_class: str, weights: List[np.ndarray], bn) -> L
     scale = gamma / np.sqrt(var + cfg["epsilon"])
     kernel = weights[0].astype(np.float64)
     bias = weights[1].astype(np.float64) if len(weights) > 1 else np.zeros_like(var)
-    if layer_class == "DepthwiseConv2D":
+    if KERNEL_LAYERS[layer_class].depthwise:
         # output channel c * multiplier + m is kernel[..., c, m]
         kernel = kernel * scale.reshape(kernel.shape[-2], kernel.shape[-1])
     else:
@@ -130,7 +105,8 @@ def fold_batchnorm_weights(layer_class: str, weights: List[np.ndarray], bn) -> L
 
 def _foldable_bn(layer, consumers, model_output_ids) -> "object | None":
     """The BatchNormalization that alone consumes ``layer``'s output and can be folded into it."""
-    if SUPPORTED_LAYERS.get(type(layer).__name__) != KERNEL or _activation_name(layer) != "linear":
+    facts = KERNEL_LAYERS.get(type(layer).__name__)
+    if facts is None or not facts.folds_bn or _activation_name(layer) != "linear":
         return None
     out = layer.output
     users = consumers.get(id(out), [])
@@ -198,8 +174,8 @@ def canonicalize(model, strip_softmax: bool = False) -> CanonicalModel:
         if role == FOLD:
             if layer.name not in fold_into:
                 raise UnsupportedLayerError(
-                    f"unsupported layers: {layer.name} (BatchNormalization not directly after a Conv2D, "
-                    "DepthwiseConv2D or Dense with linear activation, so it cannot be folded); "
+                    f"unsupported layers: {layer.name} (BatchNormalization not directly after a "
+                    f"{kernel_names()} with linear activation, so it cannot be folded); "
                     "move it right after such a layer"
                 )
             new_tensor[id(outs[0])] = mapped[0]

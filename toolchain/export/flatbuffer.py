@@ -18,6 +18,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from toolchain.errors import ConversionError
+from toolchain.layers import KERNEL_LAYERS
 
 #: operators whose second input is a weight kernel (one per layer the plan can name)
 KERNEL_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
@@ -228,8 +229,7 @@ def levels_per_channel(t: TensorInfo, op: str) -> Optional[List[int]]:
 
 
 #: Keras layer class -> the TFLite operator its kernel becomes
-LAYER_OPS = {"Conv2D": "CONV_2D", "DepthwiseConv2D": "DEPTHWISE_CONV_2D", "Dense": "FULLY_CONNECTED",
-             "Conv2DTranspose": "TRANSPOSE_CONV"}
+LAYER_OPS = {**{cls: k.tflite_op for cls, k in KERNEL_LAYERS.items()}, "Conv2DTranspose": "TRANSPOSE_CONV"}
 
 
 def match_layers(info: FlatbufferInfo, kernel_layers: Mapping[str, Tuple[str, str]]) -> Dict[int, str]:

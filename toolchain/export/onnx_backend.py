@@ -63,17 +63,14 @@ import numpy as np
 
 from toolchain.errors import ConfigError, ConversionError, DataError, UnsupportedLayerError
 from toolchain.export.artifact import Artifact, make_artifact, write_bytes_atomic
+from toolchain.layers import KERNEL_LAYERS as LAYER_FACTS
 
 #: opsets tf2onnx 1.17's ``from_keras`` can produce
 SUPPORTED_OPSETS = tuple(range(13, 19))
 #: first standard opset whose QuantizeLinear/DequantizeLinear take int4, uint16 and int16
 QDQ_WIDE_OPSET = 21
 #: Keras layer classes whose kernel the ONNX backend maps to an ONNX node, and the node types
-KERNEL_LAYERS: Mapping[str, Tuple[str, ...]] = {
-    "Conv2D": ("Conv",),
-    "DepthwiseConv2D": ("Conv",),
-    "Dense": ("MatMul", "Gemm"),
-}
+KERNEL_LAYERS: Mapping[str, Tuple[str, ...]] = {cls: k.onnx_ops for cls, k in LAYER_FACTS.items()}
 #: plan weight width -> how the file stores it
 WEIGHT_STORAGE: Mapping[int, str] = {2: "int4", 3: "int4", 4: "int4", 5: "int8", 6: "int8",
                                      7: "int8", 8: "int8", 16: "int16", 32: "float32"}
@@ -121,6 +118,12 @@ def _expected_rows(layer) -> Optional[Tuple[Tuple[int, ...], np.ndarray]]:
         k = layer.kernel.numpy()  # (kh, kw, cin/g, cout)
         w = np.transpose(k, (3, 2, 0, 1))
         return w.shape, w.reshape(w.shape[0], -1)
+    if cls == "Conv1D":
+        # tf2onnx keeps TF's height-1 Conv2D (O, I, 1, k) or folds it to a 1-D Conv (O, I, k):
+        # either way the rows (output channels) read (cin, k) in the same order
+        k = layer.kernel.numpy()  # (k, cin/g, cout)
+        w = np.transpose(k, (2, 1, 0))
+        return None, w.reshape(w.shape[0], -1)
     if cls == "DepthwiseConv2D":
         k = layer.depthwise_kernel.numpy()  # (kh, kw, cin, mult); output channel = c*mult + m
         kh, kw, cin, mult = k.shape
@@ -158,7 +161,7 @@ def _proportional_rows(cand: np.ndarray, want: np.ndarray) -> bool:
 def map_kernel_layers(model, onnx_model, layers: Optional[Sequence[str]] = None) -> Dict[str, KernelNode]:
     """Find, by value, the ONNX Conv/MatMul/Gemm node of each supported Keras kernel layer.
 
-    ``layers`` restricts the search (default: every Conv2D/DepthwiseConv2D/Dense of ``model``).
+    ``layers`` restricts the search (default: every kernel layer of ``model``).
     Raises ``UnsupportedLayerError`` for named layers outside :data:`KERNEL_LAYERS` and
     ``ConversionError`` naming every layer that has no node or more than one.
     """
@@ -197,7 +200,7 @@ def map_kernel_layers(model, onnx_model, layers: Optional[Sequence[str]] = None)
         shape, want = _expected_rows(layer)
         hits = [c for c in candidates if c[0].op_type in KERNEL_LAYERS[cls]
                 and (shape is None or tuple(c[3]) == tuple(shape))
-                and (cls != "Dense" or c[0].op_type != "Conv")
+                and (LAYER_FACTS[cls].spatial_dims > 0 or c[0].op_type != "Conv")
                 and _proportional_rows(c[4], want)]
         if len(hits) > 1:  # identical kernels: let the TF op name decide
             hits = [c for c in hits if f"/{name}/" in c[0].name or f"/{name}/" in c[1]] or hits

@@ -27,7 +27,7 @@ import numpy as np
 
 from toolchain.errors import ConfigError, ConversionError
 from toolchain.export.artifact import Artifact, make_artifact, write_bytes_atomic
-from toolchain.export.flatbuffer import describe, read_flatbuffer
+from toolchain.export.flatbuffer import LAYER_OPS, describe, read_flatbuffer
 
 VARIANTS = ("fp32", "fp16", "dynamic", "int8", "int16x8", "sparse", "mixed")
 #: variants that need calibration samples
@@ -117,7 +117,7 @@ def kernel_layer_names(model) -> dict:
     names = {}
     for layer in model.layers:
         cls = type(layer).__name__
-        if cls in ("Conv2D", "DepthwiseConv2D", "Dense", "Conv2DTranspose"):
+        if cls in LAYER_OPS:
             names[layer.name] = (layer.name, cls)
             names["quant_" + layer.name] = (layer.name, cls)
     return names

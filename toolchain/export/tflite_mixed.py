@@ -36,10 +36,11 @@ import numpy as np
 
 from toolchain.errors import ConfigError, ConversionError
 from toolchain.export.flatbuffer import describe, read_flatbuffer
+from toolchain.layers import KERNEL_ATTRS, KERNEL_LAYERS, kernel_names
 
-KERNEL_ATTRS = {"Conv2D": "kernel", "DepthwiseConv2D": "depthwise_kernel", "Dense": "kernel"}
 #: layer classes whose output gets an activation fake-quant (mirrors tfmot's default registry)
-QUANTIZED_OUTPUT = ("ReLU", "Add", "Concatenate", "AveragePooling2D", "GlobalAveragePooling2D")
+QUANTIZED_OUTPUT = ("ReLU", "Add", "Concatenate", "AveragePooling2D", "GlobalAveragePooling2D",
+                    "AveragePooling1D", "GlobalAveragePooling1D")
 RELU_NAMES = ("relu", "relu6")
 #: storage width per requested weight width (TFLite 2.14: INT4 or INT8; above 8 bits: float)
 INT4_MAX_BITS = 4
@@ -74,11 +75,8 @@ class LayerRequest:
 
 
 def _channel_count(layer) -> int:
-    kernel = getattr(layer, KERNEL_ATTRS[type(layer).__name__])
-    shape = tuple(kernel.shape)
-    if type(layer).__name__ == "DepthwiseConv2D":
-        return int(shape[2] * shape[3])
-    return int(shape[-1])
+    facts = KERNEL_LAYERS[type(layer).__name__]
+    return facts.num_channels(getattr(layer, facts.kernel_attr).shape)
 
 
 def layer_requests(model, plan) -> List[LayerRequest]:
@@ -90,7 +88,7 @@ def layer_requests(model, plan) -> List[LayerRequest]:
         cls = type(layer).__name__
         if cls not in KERNEL_ATTRS:
             if layer.name in plan.layers:
-                problems.append(f"{layer.name} ({cls}) is not Conv2D, DepthwiseConv2D or Dense")
+                problems.append(f"{layer.name} ({cls}) is not {kernel_names()}")
             continue
         channels = _channel_count(layer)
         lb = plan.layers.get(layer.name)
@@ -140,10 +138,7 @@ def float_layers(requests: Sequence[LayerRequest], route: str) -> List[str]:
 
 def channel_matrix(layer_class: str, kernel: np.ndarray) -> np.ndarray:
     """Kernel as (weights per channel, output channels); depthwise channel c = cin * mult + m."""
-    if layer_class == "DepthwiseConv2D":
-        kh, kw, cin, mult = kernel.shape
-        return kernel.reshape(kh * kw, cin * mult)
-    return kernel.reshape(-1, kernel.shape[-1])
+    return KERNEL_LAYERS[layer_class].channel_matrix(kernel)
 
 
 def aligned_grid(matrix: np.ndarray, bits: Sequence[int], store_bits: int, per_channel: bool):
@@ -371,13 +366,13 @@ def _prepare(model, plan):
         weights = layer.get_weights()
         kernel = getattr(layer, attr).numpy()
         idx = next(i for i, w in enumerate(layer.weights) if w is getattr(layer, attr))
-        per_channel = r.layer_class != "Dense"
+        per_channel = not KERNEL_LAYERS[r.layer_class].per_tensor
         store = storage_bits(r.weight_bits) if route == "qat" else 8
         rounded, lo, hi = aligned_grid(channel_matrix(r.layer_class, kernel), r.channel_bits, store, per_channel)
         weights[idx] = rounded.reshape(kernel.shape).astype(np.float32)
         layer.set_weights(weights)
         grids[layer.name] = {"num_bits": store, "per_axis": per_channel, "lo": lo.tolist(), "hi": hi.tolist(),
-                             "depthwise": r.layer_class == "DepthwiseConv2D"}
+                             "depthwise": KERNEL_LAYERS[r.layer_class].depthwise}
     names = {}
     for canon, orig in cm.layer_map.items():
         cls = type(cm.model.get_layer(canon)).__name__

@@ -24,6 +24,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from toolchain.errors import ConfigError, DataError
+from toolchain.layers import KERNEL_ATTRS
 from toolchain.prune.criteria import (CRITERIA, DEFAULT_SCORE, DEFAULT_SOURCE, FILTER_SOURCES,
                                       GRANULARITIES, RELEVANCE_SCORES, SIGNED_SCORE, SCOPES, Criterion,
                                       ScoringContext, Target, check_layer_names, get_criterion,
@@ -115,13 +116,14 @@ def apply_weight_masks(model, masks: Mapping[str, np.ndarray]) -> None:
     """Multiply kernels of ``model`` by their masks, in place (``model`` must be a clone)."""
     for name, mask in masks.items():
         layer = model.get_layer(name)
-        var = layer.depthwise_kernel if type(layer).__name__ == "DepthwiseConv2D" else layer.kernel
+        var = getattr(layer, KERNEL_ATTRS[type(layer).__name__])
         var.assign(var.numpy() * np.asarray(mask, dtype=var.dtype.as_numpy_dtype))
 
 
 def accuracy(model, x: Optional[np.ndarray], y: Optional[np.ndarray]) -> Optional[float]:
-    """Top-1 accuracy from argmax of the predictions (None without data)."""
-    if x is None or y is None or len(x) == 0:
+    """Top-1 accuracy from argmax of the predictions (None without data, and without class labels:
+    a regression or autoencoder dataset's float targets have no top-1)."""
+    if x is None or y is None or len(x) == 0 or np.ndim(y) != 1:
         return None
     pred = model.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
     return float(np.mean(np.argmax(pred, axis=-1) == np.asarray(y)))

@@ -41,10 +41,11 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 import numpy as np
 
 from toolchain.errors import ConfigError
+from toolchain.layers import KERNEL_LAYERS
 from toolchain.registry import Registry
 
 #: layer classes whose kernels can be pruned (per weight, or per output channel via surgery)
-PRUNABLE_LAYERS = ("Conv2D", "DepthwiseConv2D", "Dense")
+PRUNABLE_LAYERS = tuple(KERNEL_LAYERS)
 SCOPES = ("layer", "global")
 #: how per-weight relevance is aggregated into a unit's score
 #: sum — the signed relevance summed over the unit's weights; abs — |relevance| of each weight
@@ -139,15 +140,12 @@ class ScoringContext:
 
 def kernel_of(layer) -> np.ndarray:
     """The kernel (``depthwise_kernel`` for DepthwiseConv2D) as a numpy array."""
-    var = layer.depthwise_kernel if type(layer).__name__ == "DepthwiseConv2D" else layer.kernel
-    return var.numpy()
+    return KERNEL_LAYERS[type(layer).__name__].kernel(layer)
 
 
 def per_channel(layer_class: str, scores: np.ndarray) -> np.ndarray:
     """Kernel-shaped scores summed per output channel (DepthwiseConv2D: per cin x multiplier)."""
-    if layer_class == "DepthwiseConv2D":
-        return scores.sum(axis=(0, 1)).reshape(-1)
-    return scores.reshape(-1, scores.shape[-1]).sum(axis=0)
+    return KERNEL_LAYERS[layer_class].channel_matrix(np.asarray(scores)).sum(axis=0)
 
 
 def prunable_layers(model) -> List[str]:
@@ -243,7 +241,7 @@ class RelevanceCriterion(Criterion):
                 parts += [per_channel(_cls(model, n), rel[n]) for n in g.tied if n in rel]
             if ctx.source in ("consumer", "all"):
                 mult = int(np.prod([model.get_layer(n).depth_multiplier for n in g.tied
-                                    if _cls(model, n) == "DepthwiseConv2D"] or [1]))
+                                    if _is_depthwise(model, n)] or [1]))
                 parts += [_consumer_channels(_cls(model, n), rel[n], g.num_channels, mult)
                           for n in g.consumers if n in rel]
             total = np.zeros(g.num_channels, dtype=np.float64)
@@ -264,13 +262,19 @@ def _cls(model, name: str) -> str:
     return type(model.get_layer(name)).__name__
 
 
+def _is_depthwise(model, name: str) -> bool:
+    facts = KERNEL_LAYERS.get(_cls(model, name))
+    return facts is not None and facts.depthwise
+
+
 def _consumer_channels(layer_class: str, scores: np.ndarray, channels: int, mult: int) -> np.ndarray:
     """Kernel-shaped scores of a consumer summed per *input* channel of the group: the relevance
     that leaves each of the group's activation maps through this consumer."""
-    per_in = scores.reshape(-1, scores.shape[-2], scores.shape[-1]).sum(axis=(0, 2)) \
-        if scores.ndim == 4 else scores.sum(axis=1)
+    facts = KERNEL_LAYERS[layer_class]
+    scores = np.asarray(scores)
+    per_in = np.moveaxis(scores, facts.in_axis, 0).reshape(scores.shape[facts.in_axis], -1).sum(axis=1)
     width = channels * mult
-    if layer_class == "Dense" and per_in.size % width == 0:
+    if facts.spatial_dims == 0 and per_in.size % width == 0:
         per_in = per_in.reshape(-1, width).sum(axis=0)  # after Flatten: flat index i -> i % width
     if per_in.size != width:
         raise ConfigError(f"a consumer has {per_in.size} input channels, not a multiple of its group's "

@@ -22,6 +22,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from toolchain.errors import ConfigError
+from toolchain.layers import KERNEL_ATTRS
 
 #: share of the fine-tuning steps over which the default iterative schedule ramps up (the rest
 #: fine-tunes at the final sparsity, as tfmot's examples do)
@@ -149,7 +150,7 @@ class HoldMasks(tf.keras.callbacks.Callback):
     def apply(self, model) -> None:
         for name, mask in self.masks.items():
             layer = model.get_layer(name)
-            var = layer.depthwise_kernel if type(layer).__name__ == "DepthwiseConv2D" else layer.kernel
+            var = getattr(layer, KERNEL_ATTRS[type(layer).__name__])
             var.assign(var * tf.constant(mask, dtype=var.dtype))
 
     def on_train_begin(self, logs=None):

@@ -1,6 +1,6 @@
 """Structured (filter/channel) pruning surgery: physically rebuild a narrower Functional model.
 
-Removing output channel ``c`` of a Conv2D/Dense ("producer") changes every layer that sees that
+Removing output channel ``c`` of a Conv1D/Conv2D/Dense ("producer") changes every layer that sees that
 channel afterwards: BatchNormalization and DepthwiseConv2D carry it through ("tied": their input
 *and* output channels shrink), and the next Conv2D/Dense ("consumer") loses the matching input
 channel (kernel rows; for a Dense after ``Flatten`` of an HxWxC map, every row ``i`` with
@@ -18,7 +18,8 @@ channels reach the model output un-consumed (so the classifier is never a produc
 model input's channels, meet a layer that mixes or re-lays channels (``Concatenate``,
 ``Reshape``, ``Softmax``), pass an activation that does not map 0 to 0 (a removed channel would
 then differ from a zeroed one), or meet an ``Add`` whose inputs are laid out differently.
-Layers outside ``CHANNEL_ROLES`` (and shared layers, nested models, grouped convolutions,
+Roles come from ``toolchain.layers`` (a kernel's input/output channel axes: Conv1D (k, cin, cout)
+1 and 2, Conv2D 2 and 3, Dense 0 and 1). Layers outside ``CHANNEL_ROLES`` (and shared layers, nested models, grouped convolutions,
 channels-first layouts) make the whole model unsupported: ``UnsupportedLayerError`` names every
 offender at once.
 
@@ -33,54 +34,20 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from toolchain.errors import ConfigError, UnsupportedLayerError
+from toolchain.layers import (BOUNDARY, CARRY as PASS, ELEMENTWISE, FLATTEN, INPUT, KERNEL_LAYERS, MERGE,  # noqa: F401
+                              PRODUCER, TIED)
+from toolchain.layers import CHANNEL_ROLES as LAYER_CHANNEL_ROLES
 
-INPUT = "input"              # a model input: its channels are fixed
-PRODUCER = "producer"        # new output channels; its input channels are consumed
-TIED = "tied"                # per-channel layer: input and output channels shrink together
-ELEMENTWISE = "elementwise"  # channel-preserving if it maps 0 to 0 (checked per layer)
-PASS = "pass"                # channel-preserving, keeps zeros zero
-FLATTEN = "flatten"          # channel c of an HxWxC map -> flat indices i with i % C == c
-MERGE = "merge"              # residual Add: all inputs share one channel group
-BOUNDARY = "boundary"        # mixes or re-lays channels: groups touching it are not prunable
-
-#: layer class -> role in the channel walk. Anything else is refused with its name and class.
-CHANNEL_ROLES: Mapping[str, str] = {
-    "InputLayer": INPUT,
-    "Conv2D": PRODUCER,
-    "Dense": PRODUCER,
-    "DepthwiseConv2D": TIED,
-    "BatchNormalization": TIED,
-    "Activation": ELEMENTWISE,
-    "ReLU": ELEMENTWISE,
-    "LeakyReLU": ELEMENTWISE,
-    "ELU": ELEMENTWISE,
-    "Dropout": PASS,
-    "SpatialDropout2D": PASS,
-    "GaussianNoise": PASS,
-    "GaussianDropout": PASS,
-    "AlphaDropout": PASS,
-    "MaxPooling2D": PASS,
-    "AveragePooling2D": PASS,
-    "GlobalAveragePooling2D": PASS,
-    "GlobalMaxPooling2D": PASS,
-    "ZeroPadding2D": PASS,
-    "Cropping2D": PASS,
-    "UpSampling2D": PASS,
-    "Flatten": FLATTEN,
-    "Add": MERGE,
-    "Concatenate": BOUNDARY,
-    "Reshape": BOUNDARY,
-    "Softmax": BOUNDARY,
-}
+#: layer class -> role in the channel walk (read from ``toolchain.layers``). Anything else is
+#: refused with its name and class.
+CHANNEL_ROLES: Mapping[str, str] = LAYER_CHANNEL_ROLES
 
 #: activations that combine channels (not elementwise): a group meeting one is not prunable
 _MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 
 #: weight short name -> (input-channel axis, output-channel axis) per layer class
 _WEIGHT_AXES: Mapping[str, Mapping[str, Tuple[Optional[int], Optional[int]]]] = {
-    "Conv2D": {"kernel": (2, 3), "bias": (None, 0)},
-    "Dense": {"kernel": (0, 1), "bias": (None, 0)},
-    "DepthwiseConv2D": {"depthwise_kernel": (2, None), "bias": (None, 0)},
+    **{cls: facts.weight_axes() for cls, facts in KERNEL_LAYERS.items()},
     "BatchNormalization": {"gamma": (0, None), "beta": (0, None), "moving_mean": (0, None),
                            "moving_variance": (0, None)},
 }
@@ -293,7 +260,7 @@ def _walk(model) -> Tuple[_Walk, list]:
             out = (s, np.arange(out_channels))
         elif role == TIED:
             owner_out = owner_in
-            if cls == "DepthwiseConv2D":
+            if cls in KERNEL_LAYERS and KERNEL_LAYERS[cls].depthwise:
                 owner_out = np.repeat(owner_in, int(layer.depth_multiplier))
                 act = _activation_name(layer.activation)
                 if act in _MIXING_ACTIVATIONS or _zero_image(layer.activation) != 0.0:
@@ -484,7 +451,7 @@ def _edited_weights(layer, edit: _LayerEdit, zero: bool) -> List[np.ndarray]:
         if zero:
             if cls == "BatchNormalization" and short not in _BN_ZEROED:
                 in_axis = None  # moving_variance stays: BN(0) is already 0
-            if cls in ("Conv2D", "Dense"):
+            if cls in KERNEL_LAYERS and KERNEL_LAYERS[cls].prune_role == PRODUCER:
                 in_axis = None  # consumers see zeros; their rows may stay
             for axis, pos in ((in_axis, edit.removed_in), (out_axis, edit.removed_out)):
                 if axis is not None and pos is not None and pos.size:
@@ -505,7 +472,7 @@ def _rebuild(model, edits: Dict[str, _LayerEdit], widths: Dict[str, int], zero: 
     def clone_layer(layer):
         config = layer.get_config()
         if layer.name in widths and not zero:
-            config["filters" if type(layer).__name__ == "Conv2D" else "units"] = widths[layer.name]
+            config[KERNEL_LAYERS[type(layer).__name__].width_attr] = widths[layer.name]
         return layer.__class__.from_config(config)
 
     new = tf.keras.models.clone_model(model, clone_function=clone_layer)

@@ -19,29 +19,22 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from toolchain.errors import ConfigError
+from toolchain.layers import KERNEL_ATTRS as LAYER_KERNEL_ATTRS, KERNEL_LAYERS, kernel_names
 
-#: layer class -> the attribute holding its kernel
-KERNEL_ATTRS: Mapping[str, str] = {
-    "Conv2D": "kernel",
-    "DepthwiseConv2D": "depthwise_kernel",
-    "Dense": "kernel",
-}
+#: layer class -> the attribute holding its kernel (read from ``toolchain.layers``)
+KERNEL_ATTRS: Mapping[str, str] = LAYER_KERNEL_ATTRS
 FLOAT_BITS = 32
 #: bytes stored per output channel beside the packed weights: one float32 scale (symmetric, so no
 #: zero point); reported as overhead, never counted in the bit budget
 SCALE_BYTES = 4
-#: layers whose weights share one range per tensor: TensorFlow 2.14's TFLite converter rejects a
-#: per-channel FakeQuant on a Dense kernel ("'tfl.transpose' op has mismatched quantized axes"),
-#: and tfmot's default quantises Dense per tensor too
-PER_TENSOR_LAYERS = ("Dense",)
+#: layers whose weights share one range per tensor (``KernelLayer.per_tensor``: Dense, whose
+#: per-channel FakeQuant TensorFlow 2.14's TFLite converter rejects)
+PER_TENSOR_LAYERS = tuple(c for c, k in KERNEL_LAYERS.items() if k.per_tensor)
 
 
 def channel_matrix(layer_class: str, kernel: np.ndarray) -> np.ndarray:
     """``kernel`` as a (weights per channel, output channels) matrix (a view when possible)."""
-    if layer_class == "DepthwiseConv2D":
-        kh, kw, cin, mult = kernel.shape
-        return kernel.reshape(kh * kw, cin * mult)
-    return kernel.reshape(-1, kernel.shape[-1])
+    return KERNEL_LAYERS[layer_class].channel_matrix(kernel)
 
 
 def levels(bits) -> np.ndarray:
@@ -143,14 +136,14 @@ class Kernel:
 
 
 def kernels_of(model) -> Dict[str, Kernel]:
-    """Every Conv2D / DepthwiseConv2D / Dense kernel of ``model``, in layer order."""
+    """Every kernel of ``model`` (the classes of ``toolchain.layers.KERNEL_LAYERS``), in layer order."""
     out: Dict[str, Kernel] = {}
     for layer in model.layers:
         cls = type(layer).__name__
         if cls in KERNEL_ATTRS:
             out[layer.name] = Kernel(layer.name, cls, getattr(layer, KERNEL_ATTRS[cls]).numpy())
     if not out:
-        raise ConfigError(f"model {model.name!r} has no Conv2D, DepthwiseConv2D or Dense layer, so there is "
+        raise ConfigError(f"model {model.name!r} has no {kernel_names()} layer, so there is "
                           "nothing to quantise; pass a model with at least one such layer")
     return out
 

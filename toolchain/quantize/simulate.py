@@ -50,6 +50,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit i
 
 from toolchain.errors import ConfigError, UnsupportedLayerError
 from toolchain.quantize.bitplan import BitPlan, LayerBits
+from toolchain.layers import KERNEL_LAYERS
 from toolchain.quantize.kernels import FLOAT_BITS, KERNEL_ATTRS
 
 Q = tfmot.quantization.keras
@@ -268,6 +269,11 @@ class _PlanLayoutTransform(default_8bit_quantize_layout_transform.Default8BitQua
         return model, layer_quantize_map
 
 
+#: layers tfmot 0.8's default registry lacks that pass quantized values through unchanged (as its
+#: MaxPooling2D entry does): they get no quantizer of their own
+_PASS_THROUGH_UNREGISTERED = ("MaxPooling1D",)
+
+
 class _PlanScheme(default_8bit_quantize_scheme.Default8BitQuantizeScheme):
     def get_layout_transformer(self):
         return _PlanLayoutTransform()
@@ -330,10 +336,11 @@ def weight_quantizer(layer_class: str, lb: LayerBits, kernel: np.ndarray):
     per_tensor = layer_class in PER_TENSOR_LAYERS
     amax = np.abs(matrix).max() if per_tensor else np.abs(matrix).max(axis=0)
     uniform = len(set(widths)) == 1
-    if uniform and layer_class != "DepthwiseConv2D" and np.all(amax > 0):
+    depthwise = KERNEL_LAYERS[layer_class].depthwise
+    if uniform and not depthwise and np.all(amax > 0):
         return Q.quantizers.LastValueQuantizer(num_bits=int(widths[0]), per_axis=not per_tensor, symmetric=True,
                                                narrow_range=True)
-    return ChannelBitsQuantizer(widths, per_tensor=per_tensor, depthwise=layer_class == "DepthwiseConv2D")
+    return ChannelBitsQuantizer(widths, per_tensor=per_tensor, depthwise=depthwise)
 
 
 def _consumers(model) -> Dict[str, List]:
@@ -370,7 +377,10 @@ def apply_bitplan(folded: tf.keras.Model, plan: BitPlan) -> tf.keras.Model:
         fresh = type(layer).from_config(layer.get_config())
         if isinstance(layer, tf.keras.layers.InputLayer):
             return fresh
-        return Q.quantize_annotate_layer(fresh, configs.get(layer.name))
+        config = configs.get(layer.name)
+        if config is None and type(layer).__name__ in _PASS_THROUGH_UNREGISTERED:
+            config = default_8bit_quantize_configs.NoOpQuantizeConfig()
+        return Q.quantize_annotate_layer(fresh, config)
 
     with quantize_scope():
         annotated = tf.keras.models.clone_model(folded, clone_function=annotate)
@@ -473,7 +483,10 @@ def predict(model: tf.keras.Model, x: np.ndarray, batch_size: int = 256) -> np.n
 
 
 def accuracy(model: tf.keras.Model, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy from the model's own predictions (no Keras metric bookkeeping)."""
+    """Top-1 accuracy from the model's own predictions (no Keras metric bookkeeping); NaN for
+    targets that are not class indices (regression, autoencoder: no top-1 to measure)."""
+    if np.ndim(y) != 1:
+        return float("nan")
     return float(np.mean(np.argmax(predict(model, x), axis=-1) == np.asarray(y)))
 
 

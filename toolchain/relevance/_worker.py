@@ -29,7 +29,7 @@ import traceback
 def _linear_op(layer, tf):
     """The layer's linear map without bias: lin(a, w)."""
     cls = type(layer).__name__
-    if cls == "Conv2D":
+    if cls in ("Conv2D", "Conv1D"):  # Keras' Conv base class: the layer's own convolution
         return lambda a, w: layer.convolution_op(a, w)
     if cls == "DepthwiseConv2D":
         return lambda a, w: tf.keras.backend.depthwise_conv2d(

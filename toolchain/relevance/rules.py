@@ -14,14 +14,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Tuple
 
+from toolchain.layers import KERNEL_LAYERS, LAYER_FAMILIES as KERNEL_FAMILIES
 from toolchain.registry import Registry
 
 #: named layer families: a rule list entry applies to every class in its family
-LAYER_FAMILIES = {
-    "Dense": ("Dense",),
-    "Conv": ("Conv2D", "DepthwiseConv2D"),
-    "Any": ("Dense", "Conv2D", "DepthwiseConv2D"),
-}
+LAYER_FAMILIES = {**KERNEL_FAMILIES, "Any": tuple(KERNEL_LAYERS)}
 
 
 @dataclass(frozen=True)
