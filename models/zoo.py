@@ -23,7 +23,8 @@ from toolchain.errors import ConfigError
 from toolchain.registry import Registry
 
 layers = tf.keras.layers
-Shape = Tuple[int, int, int]
+Shape = Tuple[int, ...]  # one sample: (features,), (steps, channels) or (height, width, channels)
+_AXES = {1: "features", 2: "steps, channels", 3: "height, width, channels"}
 
 # MLPerf Tiny trains DS-CNN and ResNet-8 with this L2 weight decay on the conv kernels.
 MLPERF_WEIGHT_DECAY = 1e-4
@@ -255,6 +256,41 @@ def resnet8(input_shape: Shape, num_classes: int) -> tf.keras.Model:
     return tf.keras.Model(inputs, outputs, name="resnet8")
 
 
+@_register(
+    "mlp",
+    ((64,), (16,)),
+    "multilayer perceptron on flat (features,) inputs: fc64-fc32-fc, ReLU; e.g. the 8x8 digits "
+    "flattened to 64 features",
+)
+def mlp(input_shape: Shape, num_classes: int) -> tf.keras.Model:
+    inputs = layers.Input(shape=input_shape, name="input")
+    x = layers.Dense(64, name="fc1")(inputs)
+    x = _relu(x, "fc1_relu")
+    x = layers.Dense(32, name="fc2")(x)
+    x = _relu(x, "fc2_relu")
+    return tf.keras.Model(inputs, _classifier(x, num_classes), name="mlp")
+
+
+@_register(
+    "conv1d_classifier",
+    ((32, 3), (49, 10)),
+    "1-D CNN on (steps, channels) signals (sensors, audio features): conv16@3-BN-ReLU-maxpool2-"
+    "conv32@3-BN-ReLU-global average pool-dropout 0.1-fc",
+)
+def conv1d_classifier(input_shape: Shape, num_classes: int) -> tf.keras.Model:
+    inputs = layers.Input(shape=input_shape, name="input")
+    x = layers.Conv1D(16, 3, padding="same", name="conv1")(inputs)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = _relu(x, "relu1")
+    x = layers.MaxPooling1D(2, name="pool1")(x)
+    x = layers.Conv1D(32, 3, padding="same", name="conv2")(x)
+    x = layers.BatchNormalization(name="bn2")(x)
+    x = _relu(x, "relu2")
+    x = layers.GlobalAveragePooling1D(name="gap")(x)
+    x = layers.Dropout(0.1, name="dropout")(x)
+    return tf.keras.Model(inputs, _classifier(x, num_classes), name="conv1d_classifier")
+
+
 def _options(build: Callable) -> Tuple[str, ...]:
     params = inspect.signature(build).parameters.values()
     return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
@@ -270,15 +306,16 @@ def build_model(
     ``width_multiplier``).
     """
     spec = ARCHITECTURES.get(arch)
+    rank = len(spec.input_shapes[0])
     try:
         shape = tuple(int(d) for d in input_shape)
-        ok = len(shape) == 3 and all(d > 0 for d in shape) and tuple(input_shape) == shape
+        ok = len(shape) == rank and all(d > 0 for d in shape) and tuple(input_shape) == shape
     except (TypeError, ValueError):
         ok = False
     if not ok:
         raise ConfigError(
-            f"input_shape {input_shape!r} for {arch!r} is not three positive integers "
-            f"(height, width, channels); pass e.g. {spec.input_shapes[0]}"
+            f"input_shape {input_shape!r} for {arch!r} is not {rank} positive integer(s) "
+            f"({_AXES[rank]}); pass e.g. {spec.input_shapes[0]}"
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(

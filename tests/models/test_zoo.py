@@ -20,7 +20,7 @@ MLPERF = SHARED / "models" / "mlperf-tiny"
 KWS_SAVEDMODEL = MLPERF / "kws_ref_model"
 RESNET8_H5 = MLPERF / "resnet8_cifar10.h5"
 
-EXPECTED_KEYS = {"lenet5", "alexnet", "vgg16", "ds_cnn", "resnet8", "digits_cnn"}
+EXPECTED_KEYS = {"lenet5", "alexnet", "vgg16", "ds_cnn", "resnet8", "digits_cnn", "mlp", "conv1d_classifier"}
 # Same weights through the same graph: float32 differences come only from op ordering.
 REFERENCE_ATOL = 1e-5
 DIGITS_MIN_ACCURACY = 0.95
@@ -164,6 +164,27 @@ def test_vgg16_has_13_convs_and_5_pools():
 def test_bad_arguments_are_config_errors(shape, n_classes, options, match):
     with pytest.raises(ConfigError, match=match):
         build_model("alexnet", shape, n_classes, **options)
+
+
+@pytest.mark.parametrize("key,shape", [("mlp", (8, 8, 1)), ("mlp", (64, 1)), ("conv1d_classifier", (64,)),
+                                       ("conv1d_classifier", (32, 3, 1)), ("digits_cnn", (64,))])
+def test_input_rank_must_match_the_architecture(key, shape):
+    with pytest.raises(ConfigError, match="input_shape .* positive integer"):
+        build_model(key, shape, 10)
+
+
+def test_flat_and_1d_builders_use_the_1d_and_dense_layers():
+    kinds = [type(layer).__name__ for layer in build_model("conv1d_classifier", (32, 3), 3).layers]
+    assert kinds.count("Conv1D") == 2 and "MaxPooling1D" in kinds and "GlobalAveragePooling1D" in kinds
+    kinds = {type(layer).__name__ for layer in build_model("mlp", (64,), 10).layers}
+    assert kinds == {"InputLayer", "Dense", "Activation"}
+    from toolchain.canonicalize import canonicalize
+    from toolchain.prune.surgery import channel_groups
+
+    for key, shape, producers in (("mlp", (64,), {"fc1", "fc2"}), ("conv1d_classifier", (32, 3), {"conv1", "conv2"})):
+        model = build_model(key, shape, 3)
+        assert len(canonicalize(model).kernel_layers()) == len(producers) + 1
+        assert {g.name for g in channel_groups(model)} == producers
 
 
 def test_ds_cnn_matches_mlperf_reference(kws_reference):
