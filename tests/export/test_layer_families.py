@@ -205,6 +205,11 @@ def test_export_every_format(kind, tmp_path):
     assert {l for l in layers} >= set(plan.layers), layers
     assert all(layers[n]["weight_type"] == "INT4" for n in plan.layers), layers
     assert bundle.mcu.micro is not None and bundle.mcu.micro.top1_agreement == 1.0, bundle.mcu.micro
+    if kind == "conv1d":
+        # the op resolver registers the reshapes the converter put around each CONV_2D
+        assert {"EXPAND_DIMS", "CONV_2D", "RESHAPE", "MAX_POOL_2D"} <= set(bundle.mcu.ops), bundle.mcu.ops
+        resolver = (bundle.mcu.out_dir / "op_resolver.h").read_text()
+        assert "AddExpandDims" in resolver and "AddReshape" in resolver
 
 
 def test_export_autoencoder_every_format(tmp_path):
