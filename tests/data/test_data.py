@@ -467,8 +467,12 @@ def test_npz_object_arrays_are_refused(tmp_path):
 
 
 def test_npz_missing_arrays(tmp_path):
-    with pytest.raises(DataError, match="lacks the arrays y"):
-        load_dataset(_save(tmp_path, x=np.zeros((2, 2, 2))))
+    # inputs without labels are an autoencoder's data (see test_npz_autoencoder...); labels
+    # without inputs are nothing
+    with pytest.raises(DataError, match="lacks the array 'x'"):
+        load_dataset(_save(tmp_path, y=np.zeros(2)), task="autoencoder")
+    with pytest.raises(DataError, match="lacks the arrays x"):
+        load_dataset(_save(tmp_path, y=np.zeros(2, int)))
 
 
 def test_npz_eval_inputs_without_labels(tmp_path):
@@ -493,8 +497,11 @@ def test_npz_negative_labels(tmp_path):
 
 
 def test_npz_fractional_labels(tmp_path):
+    # fractional targets are a regressor's; as class labels (task given) they are an error
+    spec = _save(tmp_path, x=np.zeros((3, 2, 2)), y=[0.0, 1.5, 2.0])
+    assert load_dataset(spec).task == "regression"
     with pytest.raises(DataError, match="1 labels that are not whole numbers"):
-        load_dataset(_save(tmp_path, x=np.zeros((3, 2, 2)), y=[0.0, 1.5, 2.0]))
+        load_dataset(spec, task="classification")
 
 
 def test_npz_string_labels(tmp_path):
@@ -524,7 +531,7 @@ def test_npz_values_overflowing_float32_count_as_inf(tmp_path):
         load_dataset(_save(tmp_path, x=np.array([[[1e300]]]), y=[0]))
 
 
-@pytest.mark.parametrize("shape", [(4, 3), (4, 2, 2, 2, 2), (4,)])
+@pytest.mark.parametrize("shape", [(4, 2, 2, 2, 2), (4,)])
 def test_npz_wrong_rank(tmp_path, shape):
     with pytest.raises(DataError, match=f"rank {len(shape)}"):
         load_dataset(_save(tmp_path, x=np.zeros(shape), y=[0, 1, 2, 3]))
@@ -829,3 +836,58 @@ def test_check_compatible_reports_all_problems_at_once(digits):
 def test_check_compatible_rejects_bad_class_count(digits, bad):
     with pytest.raises(ConfigError, match="model class count"):
         check_compatible(digits, (8, 8, 1), bad)
+
+
+# -- tasks and input ranks ------------------------------------------------------------------------
+def test_npz_flat_features_are_a_classifier_dataset(tmp_path):
+    ds = load_dataset(_save(tmp_path, x=np.random.rand(6, 64), y=[0, 1, 2, 0, 1, 2]))
+    assert ds.task == "classification" and ds.input_shape == (64,) and ds.class_names == ("0", "1", "2")
+
+
+def test_npz_float_targets_are_regression(tmp_path):
+    y = np.linspace(-1.5, 2.25, 6)
+    ds = load_dataset(_save(tmp_path, x=np.random.rand(6, 3), y=y, x_eval=np.random.rand(2, 3), y_eval=[0.5, 1.5]))
+    assert ds.task == "regression" and ds.class_names == () and ds.y_train.shape == (6, 1)
+    assert ds.y_train.dtype == np.float32 and ds.target_shape == (1,)
+    np.testing.assert_allclose(ds.y_train[:, 0], y)
+    with pytest.raises(DataError, match="NaN/Inf targets"):
+        load_dataset(_save(tmp_path, x=np.random.rand(2, 3), y=[0.5, np.nan]))
+
+
+def test_npz_without_labels_is_an_autoencoder_with_anomaly_labels(tmp_path):
+    x, x_eval = np.random.rand(5, 8).astype(np.float32), np.random.rand(3, 8).astype(np.float32)
+    ds = load_dataset(_save(tmp_path, x=x, x_eval=x_eval, anomaly_eval=[0, 1, 1]))
+    assert ds.task == "autoencoder" and ds.class_names == ()
+    np.testing.assert_array_equal(ds.y_train, x)
+    np.testing.assert_array_equal(ds.y_eval, x_eval)
+    np.testing.assert_array_equal(ds.anomaly_eval, [0, 1, 1])
+    with pytest.raises(DataError, match="anomaly_eval"):
+        load_dataset(_save(tmp_path, x=x, x_eval=x_eval, anomaly_eval=[0, 2, 1]))
+
+
+def test_task_override(tmp_path):
+    from toolchain.data import with_task
+
+    spec = _save(tmp_path, x=np.random.rand(4, 6), y=[0, 1, 0, 1], x_eval=np.random.rand(2, 6), y_eval=[1, 0])
+    ae = load_dataset(spec, task="autoencoder")
+    assert ae.task == "autoencoder" and ae.y_train.shape == (4, 6) and ae.class_names == ()
+    reg = load_dataset(spec, task="regression")  # integer targets of a regressor (counts, say)
+    assert reg.task == "regression" and reg.y_train.dtype == np.float32 and reg.y_train.shape == (4, 1)
+    unlabelled = load_dataset(_save(tmp_path, x=np.random.rand(4, 6)))
+    with pytest.raises(ConfigError, match="cannot be used as a classification dataset"):
+        with_task(unlabelled, "classification")
+    with pytest.raises(ConfigError, match="not one of"):
+        load_dataset(spec, task="ranking")
+
+
+def test_fit_to_model_adds_or_drops_a_unit_channel_axis(tmp_path):
+    from toolchain.data import fit_to_model
+
+    spec = _save(tmp_path, x=np.random.rand(4, 49, 10), y=[0, 1, 0, 1])
+    ds = load_dataset(spec)
+    assert ds.input_shape == (49, 10, 1)  # a rank-3 array reads as grayscale images, as before
+    seq = fit_to_model(ds, (49, 10))  # ... and fits a model on (T, C) sequences
+    assert seq.input_shape == (49, 10) and seq.x_train.shape == (4, 49, 10)
+    np.testing.assert_array_equal(seq.x_train, ds.x_train[..., 0])
+    assert fit_to_model(seq, (49, 10, 1)).input_shape == (49, 10, 1)
+    assert fit_to_model(ds, (7, 70)) is ds  # anything else is check_compatible's to report

@@ -7,7 +7,7 @@
 Nothing here downloads, and TensorFlow / scikit-learn are imported only by the loaders that need
 them, so importing this package is cheap.
 """
-from toolchain.data.dataset import Dataset, check_compatible
+from toolchain.data.dataset import TASKS, Dataset, check_compatible, fit_to_model
 from toolchain.data.keras_cache import DATA_DIR_ENV
 from toolchain.data.kws01 import (
     KWS01_DIR_ENV,
@@ -17,7 +17,7 @@ from toolchain.data.kws01 import (
     default_kws_int8_model,
     read_input_quantization,
 )
-from toolchain.data.load import DATASETS, DatasetKind, known_specs, load_dataset
+from toolchain.data.load import DATASETS, DatasetKind, known_specs, load_dataset, with_task
 
 __all__ = [
     "DATASETS",
@@ -27,10 +27,13 @@ __all__ = [
     "KWS01_DIR_ENV",
     "KWS_CLASS_NAMES",
     "KWS_INT8_MODEL_ENV",
+    "TASKS",
     "check_compatible",
+    "fit_to_model",
     "default_kws01_dir",
     "default_kws_int8_model",
     "known_specs",
     "load_dataset",
+    "with_task",
     "read_input_quantization",
 ]

@@ -281,6 +281,37 @@ def _describe(a: object) -> str:
     return type(a).__name__
 
 
+def fit_to_model(dataset: Dataset, input_shape: Sequence) -> Dataset:
+    """``dataset`` with its samples shaped as the model takes them (``input_shape``: one sample's
+    shape, no batch axis), when they differ only by a
+    trailing channel axis of 1: (N, H, W) images for a model on (H, W, 1) gain it, and (N, T, C, 1)
+    (a rank-3 array read as grayscale images) for a model on (T, C) sequences loses it. Anything
+    else is left for ``check_compatible`` to report."""
+    import dataclasses
+
+    model_shape, sample = tuple(input_shape), tuple(dataset.input_shape)
+    if len(model_shape) == len(sample) + 1 and model_shape[-1] == 1 and _same(model_shape[:-1], sample):
+        fix = lambda a: None if a is None else a[..., np.newaxis]  # noqa: E731
+        what = "a channel axis added"
+    elif len(sample) == len(model_shape) + 1 and sample[-1] == 1 and _same(model_shape, sample[:-1]):
+        fix = lambda a: None if a is None else a[..., 0]  # noqa: E731
+        what = "the trailing channel axis of 1 dropped"
+    else:
+        return dataset
+    autoencoder = dataset.task == "autoencoder"
+    return dataclasses.replace(
+        dataset, x_train=fix(dataset.x_train), x_eval=fix(dataset.x_eval),
+        y_train=fix(dataset.y_train) if autoencoder else dataset.y_train,
+        y_eval=fix(dataset.y_eval) if autoencoder else dataset.y_eval,
+        x_train_int8=fix(dataset.x_train_int8), x_eval_int8=fix(dataset.x_eval_int8),
+        input_shape=tuple(fix(dataset.x_train).shape[1:]),
+        provenance=f"{dataset.provenance}; samples reshaped to the model's input ({what})")
+
+
+def _same(model_shape: Sequence, sample: Sequence) -> bool:
+    return len(model_shape) == len(sample) and all(m is None or m < 0 or m == s for m, s in zip(model_shape, sample))
+
+
 def check_compatible(dataset: Dataset, input_shape: Sequence, num_classes: int) -> None:
     """Raise ``DataError`` listing every way ``dataset`` does not fit a model.
 
@@ -314,6 +345,16 @@ def check_compatible(dataset: Dataset, input_shape: Sequence, num_classes: int) 
         problems.append(
             f"samples have shape {sample_shape} but the model expects {model_shape}"
         )
+    if not dataset.is_classification:  # float targets: the model's output width must match theirs
+        width = dataset.target_shape[-1] if dataset.target_shape else 1
+        if width != num_classes:
+            problems.append(f"{dataset.task} targets have width {width} but the model outputs {num_classes}")
+        if problems:
+            raise DataError(
+                f"dataset {dataset.name!r} does not fit the model: " + "; ".join(problems)
+                + "; use the dataset the model was trained on, or a model built for this dataset"
+            )
+        return
     max_label = int(dataset.y_train.max())
     if dataset.y_eval is not None:
         max_label = max(max_label, int(dataset.y_eval.max()))

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from toolchain.data.dataset import Dataset
+from toolchain.data.dataset import TASKS, Dataset
 from toolchain.data.digits import load_digits
 from toolchain.data.keras_cache import load_cifar10, load_fashion_mnist, load_mnist
 from toolchain.data.kws01 import load_kws01
@@ -19,10 +19,12 @@ class DatasetKind:
     """How a spec kind is loaded and which parts of the spec it takes.
 
     ``path`` is "none", "optional" or "required" (the ``:PATH`` after the kind);
-    ``uses_data_dir`` says whether the ``data_dir`` argument means anything to it.
+    ``uses_data_dir`` says whether the ``data_dir`` argument means anything to it. ``load`` takes
+    (path, data_dir, options): ``options`` holds ``task`` (an override or None) and ``input_shape``
+    (the model's sample shape or None) for the loaders that use them.
     """
 
-    load: Callable[[Optional[str], Optional[str]], Dataset]
+    load: Callable[[Optional[str], Optional[str], dict], Dataset]
     path: str
     uses_data_dir: bool
     summary: str
@@ -33,22 +35,22 @@ class DatasetKind:
 
 DATASETS: Registry[DatasetKind] = Registry("dataset")
 DATASETS.register("digits", DatasetKind(
-    lambda path, data_dir: load_digits(), "none", False,
+    lambda path, data_dir, o: load_digits(), "none", False,
     "scikit-learn 8x8 digits, bundled offline"))
 DATASETS.register("kws01", DatasetKind(
-    lambda path, data_dir: load_kws01(path), "optional", False,
+    lambda path, data_dir, o: load_kws01(path), "optional", False,
     "MLPerf Tiny KWS eval set (EEMBC .bin files)"))
 DATASETS.register("mnist", DatasetKind(
-    lambda path, data_dir: load_mnist(data_dir), "none", True,
+    lambda path, data_dir, o: load_mnist(data_dir), "none", True,
     "MNIST from the Keras cache"))
 DATASETS.register("fashion_mnist", DatasetKind(
-    lambda path, data_dir: load_fashion_mnist(data_dir), "none", True,
+    lambda path, data_dir, o: load_fashion_mnist(data_dir), "none", True,
     "Fashion-MNIST from the Keras cache"))
 DATASETS.register("cifar10", DatasetKind(
-    lambda path, data_dir: load_cifar10(data_dir), "none", True,
+    lambda path, data_dir, o: load_cifar10(data_dir), "none", True,
     "CIFAR-10 from the Keras cache"))
 DATASETS.register("npz", DatasetKind(
-    lambda path, data_dir: load_npz(path), "required", False,
+    lambda path, data_dir, o: load_npz(path, o.get("task")), "required", False,
     "your own arrays x, y[, x_eval, y_eval, class_names] in one .npz"))
 
 
@@ -57,8 +59,13 @@ def known_specs() -> str:
     return ", ".join(DATASETS.get(k).form(k) for k in DATASETS.keys())
 
 
-def load_dataset(spec: str, data_dir: str | None = None, samples: int | None = None) -> Dataset:
+def load_dataset(spec: str, data_dir: str | None = None, samples: int | None = None,
+                 task: str | None = None, input_shape: tuple | None = None) -> Dataset:
     """Load the dataset ``spec`` names; ``samples`` keeps only the first N train samples.
+
+    ``task`` overrides the task the data implies (``classification``, ``regression``,
+    ``autoencoder``; see ``toolchain.task``); ``input_shape`` is the model's sample shape, which
+    loaders that resize (``images:``) need.
 
     Specs: ``digits``, ``kws01`` or ``kws01:PATH``, ``mnist``, ``fashion_mnist``, ``cifar10``
     (read from the Keras cache, searched in ``data_dir`` first), ``npz:PATH``.
@@ -97,7 +104,10 @@ def load_dataset(spec: str, data_dir: str | None = None, samples: int | None = N
             "samples to keep) or None for all"
         )
 
-    dataset = kind.load(path.strip() if sep else None, data_dir)
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"task {task!r} is not one of {', '.join(TASKS)}; pass one of them or None to infer it")
+    dataset = with_task(kind.load(path.strip() if sep else None, data_dir,
+                                  {"task": task, "input_shape": input_shape}), task)
     if samples is None:
         return dataset
     available = len(dataset.x_train)
@@ -112,4 +122,25 @@ def load_dataset(spec: str, data_dir: str | None = None, samples: int | None = N
         y_train=dataset.y_train[:samples],
         x_train_int8=None if dataset.x_train_int8 is None else dataset.x_train_int8[:samples],
         provenance=f"{dataset.provenance}; train split cut to its first {samples} samples",
+    )
+
+
+def with_task(dataset: Dataset, task: str | None) -> Dataset:
+    """``dataset`` as the ``task`` the user asked for. A labelled dataset becomes an autoencoder one
+    (targets = inputs; its labels are dropped); any other change the targets cannot support is a
+    ``ConfigError`` naming both."""
+    if task is None or task == dataset.task:
+        return dataset
+    if task == "autoencoder":
+        x_eval = dataset.x_eval
+        return dataclasses.replace(
+            dataset, task="autoencoder", y_train=dataset.x_train.copy(),
+            y_eval=None if x_eval is None else x_eval.copy(), class_names=(), anomaly_eval=None,
+            provenance=f"{dataset.provenance}; as an autoencoder dataset (targets = inputs, labels dropped)")
+    if task == "regression" and dataset.task == "autoencoder":
+        return dataclasses.replace(dataset, task="regression", anomaly_eval=None,
+                                   provenance=f"{dataset.provenance}; as a regression dataset (targets = inputs)")
+    raise ConfigError(
+        f"dataset {dataset.name!r} holds {dataset.task} targets, so it cannot be used as a {task} dataset; "
+        f"drop the task override (--task / recipe task) or give {task} targets"
     )

@@ -1,12 +1,20 @@
 """A user's own data as one ``.npz`` file ("npz:PATH").
 
 Arrays: ``x`` and ``y`` (the train/calibration split, used in file order), optionally ``x_eval``
-and ``y_eval`` (both or neither), optionally ``class_names`` (rank-1 strings).
-``x`` is ``(N, H, W)`` (a channel axis is added) or ``(N, H, W, C)``, any real dtype, cast to
-float32 as is (no rescaling: the file must hold what the model takes).
-``y`` is ``(N,)`` integer class indices, ``(N, 1)`` of them, or ``(N, K)`` one-hot/scores (argmax;
-then K is the class count). Without ``class_names`` the classes are named "0".."K-1", K being the
-one-hot width or the largest label + 1.
+and ``y_eval`` (both or neither), optionally ``class_names`` (rank-1 strings) and ``anomaly_eval``.
+``x`` is ``(N, F)`` feature vectors, ``(N, H, W)`` grayscale images or ``(N, T, C)`` sequences
+(read as images with a channel axis of 1 added; ``fit_to_model`` drops it again for a model on
+``(T, C)``), or ``(N, H, W, C)`` images; any real dtype, cast to float32 as is (no rescaling: the
+file must hold what the model takes).
+
+The task follows from ``y`` (``task=`` overrides it):
+* **classification**: ``y`` is ``(N,)`` integer class indices (floats holding whole numbers count),
+  ``(N, 1)`` of them, or ``(N, K)`` one-hot/scores (argmax; then K is the class count). Without
+  ``class_names`` the classes are named "0".."K-1", K being the one-hot width or the largest label + 1;
+* **regression**: ``y`` holds non-integer floats (``(N,)`` becomes ``(N, 1)``; ``(N, K)`` that is
+  not one-hot stays);
+* **autoencoder**: no ``y`` (nor ``y_eval``): the targets are the inputs. ``anomaly_eval`` (0/1 per
+  ``x_eval`` sample, 1 = anomalous) adds the ROC AUC of the reconstruction error to the metrics.
 """
 from __future__ import annotations
 
@@ -25,12 +33,12 @@ def _images(x: np.ndarray, key: str, path: Path) -> np.ndarray:
             f"array {key!r} in {path} is {x.dtype}, but inputs must be real numbers; save it as "
             "float32 or uint8"
         )
-    if x.ndim == 3:
-        x = x[..., np.newaxis]
-    elif x.ndim != 4:
+    if x.ndim == 3:  # (N, H, W) grayscale images, as before; fit_to_model drops the axis again
+        x = x[..., np.newaxis]  # for a model on (T, C) sequences
+    elif x.ndim not in (2, 4):
         raise DataError(
             f"array {key!r} in {path} has shape {x.shape} (rank {x.ndim}), but inputs must be "
-            "rank 3 (N, H, W) or rank 4 (N, H, W, C); reshape it before saving"
+            "(N, F) vectors, (N, T, C) sequences or (N, H, W[, C]) images; reshape it before saving"
         )
     with np.errstate(over="ignore"):  # values beyond float32 become Inf, reported just below
         x = x.astype(np.float32)
@@ -41,6 +49,30 @@ def _images(x: np.ndarray, key: str, path: Path) -> np.ndarray:
             "float32; clean or drop those samples before saving"
         )
     return x
+
+
+def _looks_like_classes(y: np.ndarray) -> bool:
+    """Integer labels, whole-number float labels, or one-hot/score rows: a classifier's targets."""
+    if y.dtype.kind in "biu":
+        return True
+    if y.dtype.kind != "f" or count_nonfinite(y.astype(np.float64)):
+        return y.dtype.kind not in "f"
+    if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
+        return bool(np.all(y == np.round(y)))
+    if y.ndim == 2:  # one-hot or per-class scores: non-negative rows summing to one
+        return bool(np.all(y >= 0) and np.allclose(y.sum(axis=1), 1.0, atol=1e-3))
+    return False
+
+
+def _targets(y: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """Float32 regression targets, (N,) made (N, 1)."""
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"array {key!r} in {path} is {y.dtype}, but regression targets must be numbers")
+    y = y.astype(np.float32)
+    bad = count_nonfinite(y)
+    if bad:
+        raise DataError(f"array {key!r} in {path} has {bad} NaN/Inf targets; clean or drop those samples")
+    return y[:, np.newaxis] if y.ndim == 1 else y
 
 
 def _class_indices(y: np.ndarray, key: str, path: Path) -> tuple[np.ndarray, int | None]:
@@ -83,7 +115,7 @@ def _class_indices(y: np.ndarray, key: str, path: Path) -> tuple[np.ndarray, int
     return y.astype(np.int64), width
 
 
-def load_npz(path: str) -> Dataset:
+def load_npz(path: str, task: str | None = None) -> Dataset:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"npz file {file} does not exist; pass npz:PATH with an existing file")
@@ -106,6 +138,15 @@ def load_npz(path: str) -> Dataset:
             "np.savez(path, x=..., y=...) and no object arrays"
         ) from None
 
+    if task is None:
+        if "y" not in arrays and "y_eval" not in arrays:
+            task = "autoencoder"
+        elif "y" in arrays and not _looks_like_classes(arrays["y"]):
+            task = "regression"
+        else:
+            task = "classification"
+    if task == "autoencoder":
+        return _autoencoder(arrays, file)
     absent = [k for k in ("x", "y") if k not in arrays]
     if absent:
         raise DataError(
@@ -122,7 +163,10 @@ def load_npz(path: str) -> Dataset:
     xs, ys, widths = [], [], []
     for x_key, y_key in splits:
         x = _images(arrays[x_key], x_key, file)
-        y, width = _class_indices(arrays[y_key], y_key, file)
+        if task == "regression":
+            y, width = _targets(arrays[y_key], y_key, file), None
+        else:
+            y, width = _class_indices(arrays[y_key], y_key, file)
         if len(x) == 0:
             raise DataError(f"array {x_key!r} in {file} holds 0 samples; save at least one")
         if len(x) != len(y):
@@ -144,7 +188,9 @@ def load_npz(path: str) -> Dataset:
             "classes"
         )
 
-    if "class_names" in arrays:
+    if task == "regression":
+        class_names: tuple = ()
+    elif "class_names" in arrays:
         names = arrays["class_names"]
         if names.ndim != 1 or names.dtype.kind not in "US" or len(names) == 0:
             raise DataError(
@@ -160,6 +206,7 @@ def load_npz(path: str) -> Dataset:
 
     return Dataset(
         name=f"npz:{file}",
+        task=task,
         x_train=xs[0],
         y_train=ys[0],
         x_eval=xs[1] if len(xs) == 2 else None,
@@ -170,5 +217,36 @@ def load_npz(path: str) -> Dataset:
             f"npz file {file}: 'x'/'y' ({len(xs[0])} samples, file order) as train/calibration, "
             + (f"'x_eval'/'y_eval' ({len(xs[1])}) as eval" if len(xs) == 2 else "no eval split")
             + "; inputs cast to float32 without rescaling"
+            + ("; float targets: regression" if task == "regression" else "")
         ),
     )
+
+
+def _autoencoder(arrays: dict, file: Path) -> Dataset:
+    """No labels: the targets are the inputs; ``anomaly_eval`` marks anomalous evaluation samples."""
+    if "x" not in arrays:
+        raise DataError(f"{file} lacks the array 'x' (it has {', '.join(arrays) or 'none'}); save "
+                        "np.savez(path, x=inputs[, x_eval=..., anomaly_eval=...])")
+    x = _images(arrays["x"], "x", file)
+    x_eval = _images(arrays["x_eval"], "x_eval", file) if "x_eval" in arrays else None
+    if len(x) == 0 or (x_eval is not None and len(x_eval) == 0):
+        raise DataError(f"{file} has an empty 'x' or 'x_eval'; save at least one sample in each")
+    anomaly = None
+    if "anomaly_eval" in arrays:
+        a = arrays["anomaly_eval"]
+        if x_eval is None or a.shape != (len(x_eval),) or a.dtype.kind not in "biuf" or not np.isin(a, (0, 1)).all():
+            raise DataError(
+                f"array 'anomaly_eval' in {file} is {a.dtype}{a.shape}, but it must hold one 0/1 label per "
+                "'x_eval' sample (1 = anomalous); save it beside x_eval"
+            )
+        anomaly = a.astype(np.int64)
+    return Dataset(
+        name=f"npz:{file}", task="autoencoder", x_train=x, y_train=x.copy(),
+        x_eval=x_eval, y_eval=None if x_eval is None else x_eval.copy(), class_names=(),
+        input_shape=tuple(int(d) for d in x.shape[1:]), anomaly_eval=anomaly,
+        provenance=(f"npz file {file}: 'x' ({len(x)} samples, file order) as train/calibration, "
+                    + (f"'x_eval' ({len(x_eval)}) as eval" if x_eval is not None else "no eval split")
+                    + "; autoencoder: the targets are the inputs"
+                    + (f"; 'anomaly_eval' marks {int(anomaly.sum())} anomalous eval samples" if anomaly is not None
+                       else "")
+                    + "; inputs cast to float32 without rescaling"))
