@@ -891,3 +891,65 @@ def test_fit_to_model_adds_or_drops_a_unit_channel_axis(tmp_path):
     np.testing.assert_array_equal(seq.x_train, ds.x_train[..., 0])
     assert fit_to_model(seq, (49, 10, 1)).input_shape == (49, 10, 1)
     assert fit_to_model(ds, (7, 70)) is ds  # anything else is check_compatible's to report
+
+
+# -- image folders ---------------------------------------------------------------------------------
+def _image_folder(root: Path, split_dirs=True) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in (("train", "test") if split_dirs else ("",)):
+        for c, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(4 if split != "test" else 2):
+                pixels = np.clip(np.asarray(colour) + rng.integers(-20, 20, (6, 5, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
+
+
+def test_images_folder_with_train_and_test_splits(tmp_path):
+    _image_folder(tmp_path / "pets")
+    ds = load_dataset(f"images:{tmp_path / 'pets'}", input_shape=(12, 10, 3))
+    assert ds.class_names == ("cat", "dog") and ds.input_shape == (12, 10, 3)
+    assert len(ds.x_train) == 8 and len(ds.x_eval) == 4 and list(ds.y_eval) == [0, 0, 1, 1]
+    assert 0 <= ds.x_train.min() and ds.x_train.max() <= 1
+    # red cats, blue dogs: the colour survives resizing and scaling
+    assert ds.x_train[ds.y_train == 0][..., 0].mean() > 0.6 > ds.x_train[ds.y_train == 1][..., 0].mean()
+    raw = load_dataset(f"images:{tmp_path / 'pets'}?scale=255&train_per_class=1", input_shape=(6, 5, 1))
+    assert raw.x_train.shape == (2, 6, 5, 1) and raw.x_train.max() > 1 and "0..255" in raw.provenance
+
+
+def test_images_folder_without_splits_holds_out_the_last_fifth(tmp_path):
+    _image_folder(tmp_path / "flat", split_dirs=False)
+    ds = load_dataset(f"images:{tmp_path / 'flat'}")
+    assert ds.input_shape == (6, 5, 3) and len(ds.x_train) == 6 and len(ds.x_eval) == 2
+
+
+def test_images_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(f"images:{tmp_path / 'nowhere'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders"):
+        load_dataset(f"images:{tmp_path / 'empty'}")
+    _image_folder(tmp_path / "pets")
+    with pytest.raises(ConfigError, match="scale="):
+        load_dataset(f"images:{tmp_path / 'pets'}?scale=2")
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_dataset(f"images:{tmp_path / 'pets'}?size=32")
+    (tmp_path / "pets" / "train" / "cat" / "000.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot read image .*000.jpg"):
+        load_dataset(f"images:{tmp_path / 'pets'}")
+
+
+CIFAR_JPEG = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-jpeg"
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not CIFAR_JPEG.is_dir(), reason=f"CIFAR-10 JPEG copy absent at {CIFAR_JPEG}")
+def test_images_reads_the_real_cifar10_jpeg_copy():
+    ds = load_dataset(f"images:{CIFAR_JPEG}?train_per_class=20&eval_per_class=10&scale=255",
+                      input_shape=(32, 32, 3))
+    assert ds.class_names[:3] == ("airplane", "automobile", "bird") and len(ds.class_names) == 10
+    assert ds.x_train.shape == (200, 32, 32, 3) and ds.x_eval.shape == (100, 32, 32, 3)
+    # the README's channel means (about 125, 123, 114 over all images); 200 images land near them
+    assert np.allclose(ds.x_train.mean(axis=(0, 1, 2)), (125, 123, 114), atol=15)

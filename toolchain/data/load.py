@@ -8,6 +8,7 @@ from typing import Callable, Optional
 from toolchain.data.dataset import TASKS, Dataset
 from toolchain.data.digits import load_digits
 from toolchain.data.keras_cache import load_cifar10, load_fashion_mnist, load_mnist
+from toolchain.data.images import load_images
 from toolchain.data.kws01 import load_kws01
 from toolchain.data.npz import load_npz
 from toolchain.errors import ConfigError
@@ -49,6 +50,10 @@ DATASETS.register("fashion_mnist", DatasetKind(
 DATASETS.register("cifar10", DatasetKind(
     lambda path, data_dir, o: load_cifar10(data_dir), "none", True,
     "CIFAR-10 from the Keras cache"))
+DATASETS.register("images", DatasetKind(
+    lambda path, data_dir, o: load_images(path, o.get("input_shape")), "required", False,
+    "class folders of images (DIR/<class>/*.jpg; DIR/train + DIR/test), resized to the model's input; "
+    "?scale=1|255|-1 (default 1: 0..1)"))
 DATASETS.register("npz", DatasetKind(
     lambda path, data_dir, o: load_npz(path, o.get("task")), "required", False,
     "your own arrays x, y[, x_eval, y_eval, class_names] in one .npz"))
