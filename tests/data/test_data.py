@@ -911,7 +911,8 @@ def test_images_folder_with_train_and_test_splits(tmp_path):
     _image_folder(tmp_path / "pets")
     ds = load_dataset(f"images:{tmp_path / 'pets'}", input_shape=(12, 10, 3))
     assert ds.class_names == ("cat", "dog") and ds.input_shape == (12, 10, 3)
-    assert len(ds.x_train) == 8 and len(ds.x_eval) == 4 and list(ds.y_eval) == [0, 0, 1, 1]
+    assert len(ds.x_train) == 8 and len(ds.x_eval) == 4 and list(ds.y_eval) == [0, 1, 0, 1]
+    assert list(ds.y_train[:2]) == [0, 1]  # interleaved: any calibration prefix holds every class
     assert 0 <= ds.x_train.min() and ds.x_train.max() <= 1
     # red cats, blue dogs: the colour survives resizing and scaling
     assert ds.x_train[ds.y_train == 0][..., 0].mean() > 0.6 > ds.x_train[ds.y_train == 1][..., 0].mean()

@@ -6,8 +6,9 @@
 * **Splits.** When ``DIR/train`` and ``DIR/test`` (or ``DIR/val``) exist they are the
   train/calibration and evaluation splits; otherwise the class folders are in ``DIR`` and the last
   20% of each class's files (sorted by name) form the evaluation split. Classes are the sorted
-  folder names (CIFAR-10's folders give its standard label order). Files are read in sorted order,
-  so the same folder always gives the same arrays.
+  folder names (CIFAR-10's folders give its standard label order). Files are sorted by name and
+  interleaved class by class (the first file of every class, then the second, ...), so the same
+  folder always gives the same arrays and every prefix (calibration takes one) holds every class.
 * **Size and colour.** Every image is resized (Pillow, bilinear) to the model's input height and
   width and converted to its channels (1: grayscale, 3: RGB). Without a model shape, the first
   image's size and RGB are used.
@@ -126,8 +127,11 @@ def load_images(path: str, input_shape: Optional[Sequence[int]] = None) -> Datas
     names = tuple(train)
 
     def arrays(split_files):
-        files = [f for c in names for f in split_files[c]]
-        labels = np.asarray([i for i, c in enumerate(names) for _ in split_files[c]], np.int64)
+        # round-robin over the classes (1st file of each class, then the 2nd, ...): calibration
+        # takes a prefix of the train split, and a prefix must hold every class, not only the first
+        order = sorted(((j, i) for i, c in enumerate(names) for j in range(len(split_files[c]))))
+        files = [split_files[names[i]][j] for j, i in order]
+        labels = np.asarray([i for _, i in order], np.int64)
         return _read(files, size, channels, scale), labels
 
     x_train, y_train = arrays(train)
