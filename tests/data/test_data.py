@@ -954,3 +954,18 @@ def test_images_reads_the_real_cifar10_jpeg_copy():
     assert ds.x_train.shape == (200, 32, 32, 3) and ds.x_eval.shape == (100, 32, 32, 3)
     # the README's channel means (about 125, 123, 114 over all images); 200 images land near them
     assert np.allclose(ds.x_train.mean(axis=(0, 1, 2)), (125, 123, 114), atol=15)
+
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION.is_file(),
+                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+def test_fashion_mnist_from_the_debian_package(monkeypatch, tmp_path):
+    monkeypatch.delenv("TOOLCHAIN_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty Keras cache: the package is what is read
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ds = load_dataset("fashion_mnist")
+    assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_eval.shape == (10000, 28, 28, 1)
+    assert set(np.unique(ds.y_train)) == set(range(10)) and np.bincount(ds.y_eval).tolist() == [1000] * 10
+    assert "/usr/share/datasets/fashion-mnist" in ds.provenance and ds.class_names[-1] == "Ankle boot"

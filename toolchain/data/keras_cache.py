@@ -189,8 +189,18 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     return data.reshape(dims)
 
 
+#: where Debian's package dataset-fashion-mnist (Expat) installs the four original files
+DEBIAN_DATASETS = Path("/usr/share/datasets")
+
+
 def load_fashion_mnist(data_dir: str | None = None) -> Dataset:
+    """Fashion-MNIST's four IDX files from the Keras cache or, after it, from Debian's package
+    ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``; re-gzipped, same bytes
+    inside). ``data_dir`` or ``$TOOLCHAIN_DATA_DIR`` replace both."""
     dirs, chosen_by = candidate_dirs(data_dir)
+    if data_dir is None and not os.environ.get(DATA_DIR_ENV):
+        dirs.append(DEBIAN_DATASETS)
+        chosen_by += " and Debian's dataset-fashion-mnist location (apt-get install dataset-fashion-mnist)"
     required = [f"{FASHION_MNIST_DIR}/{f}" for f in FASHION_MNIST_FILES]
     folder = _first_dir_with(required, dirs)
     if folder is None:
