@@ -3,23 +3,60 @@ and writes its outputs through ``staged_output`` (complete or absent, never half
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 
+from toolchain.errors import DataError
 from toolchain.outdir import check_output_dir, staged_output
 
 
 def load_inputs(model_path: str, data_spec: str, samples: Optional[int] = None,
-                trust_model: bool = False, data_dir: Optional[str] = None):
-    """The user's model and a dataset checked against it."""
+                trust_model: bool = False, data_dir: Optional[str] = None, task: Optional[str] = None):
+    """The user's model and a dataset checked against it.
+
+    The dataset's ``task`` is resolved from the model and data (``toolchain.task.resolve_task``;
+    ``task`` is the caller's override, refused when the targets contradict it) and set on the
+    returned dataset. Classifiers must output one score per class; regressors and autoencoders one
+    value per target value."""
     from toolchain.data import check_compatible, load_dataset
     from toolchain.model_io import load_model
+    from toolchain.task import resolve_task
 
     model = load_model(model_path, trust_model=trust_model)
     dataset = load_dataset(data_spec, data_dir=data_dir, samples=samples)
-    check_compatible(dataset, tuple(model.input_shape[1:]), int(model.output_shape[-1]))
+    resolved = resolve_task(model, dataset, task)
+    if resolved != dataset.task:
+        dataset = replace(dataset, task=resolved,
+                          anomaly_eval=dataset.anomaly_eval if resolved == "autoencoder" else None)
+    if dataset.is_classification:
+        check_compatible(dataset, tuple(model.input_shape[1:]), int(model.output_shape[-1]))
+    else:
+        check_targets_compatible(dataset, tuple(model.input_shape[1:]), tuple(model.output_shape[1:]))
     return model, dataset
+
+
+def check_targets_compatible(dataset, input_shape: Sequence, output_shape: Sequence) -> None:
+    """Raise ``DataError`` listing every way a regression/autoencoder ``dataset`` does not fit a
+    model with these per-sample input and output shapes (``None`` dimensions match any size): the
+    samples must have the input's shape and the targets as many values as the output."""
+    def fits(model_shape, data_shape):
+        return len(model_shape) == len(data_shape) and all(
+            m is None or m < 0 or m == d for m, d in zip(model_shape, data_shape))
+
+    problems = []
+    if not fits(tuple(input_shape), tuple(dataset.input_shape)):
+        problems.append(f"samples have shape {tuple(dataset.input_shape)} but the model expects {tuple(input_shape)}")
+    target = tuple(dataset.target_shape)
+    out = tuple(output_shape)
+    same_width = None not in out and int(np.prod(out)) == int(np.prod(target))
+    if not (fits(out, target) or same_width):
+        problems.append(f"targets have shape {target} but the model outputs {out}")
+    if problems:
+        raise DataError(f"{dataset.task} dataset {dataset.name!r} does not fit the model: " + "; ".join(problems)
+                        + "; use the dataset the model was trained on, or a model built for this dataset")
 
 
 def relevance_summary_table(rmap) -> str:
@@ -44,7 +81,7 @@ def run_relevance(model_path: str, data_spec: str, out: str, rule: str, samples:
     model, dataset = load_inputs(model_path, data_spec, samples, trust_model, data_dir)
     x, y = dataset.calibration(samples)
     rmap = compute_relevance(model, x, y, rule=rule, class_selection=class_selection,
-                             use_cache=use_cache, quiet=quiet)
+                             use_cache=use_cache, quiet=quiet, task=dataset.task)
     with staged_output(out) as stage:
         save_relevance(rmap, stage)
         meta = json.loads((stage / "relevance.json").read_text())

@@ -172,3 +172,45 @@ def test_every_registered_rule_runs():
     for rule in RULES:
         rmap = compute_relevance(model, x, y, rule=rule, use_cache=False, quiet=True)
         assert all(np.isfinite(lr.weight).all() for lr in rmap.layers.values()), rule
+
+
+def _dense_autoencoder():
+    rng = np.random.RandomState(3)
+    inp = tf.keras.Input((10,))
+    h = tf.keras.layers.Dense(4, activation="relu", name="enc")(inp)
+    out = tf.keras.layers.Dense(10, name="dec")(h)
+    model = tf.keras.Model(inp, out)
+    x = rng.randn(24, 10).astype("float32")
+    return model, x
+
+
+def test_autoencoder_relevance_reaches_every_output_unit(tmp_path):
+    """One output unit explained (the classifier default) leaves the other 9 columns of the last
+    kernel at zero; ``all_outputs`` (chosen for the autoencoder task) gives every column relevance."""
+    model, x = _dense_autoencoder()
+    one_unit = compute_relevance(model, x, np.zeros(len(x), int), use_cache=False, quiet=True)
+    cols_one = np.abs(one_unit["dec"].weight).sum(axis=0)
+    assert np.count_nonzero(cols_one) == 1  # what a regressor got before
+
+    rmap = compute_relevance(model, x, x, task="autoencoder", use_cache=True, quiet=True)
+    assert rmap.class_selection == "all_outputs" and rmap.task == "autoencoder"
+    cols = np.abs(rmap["dec"].weight).sum(axis=0)
+    assert np.all(cols > 0), f"{int(np.sum(cols == 0))} of {cols.size} output units without relevance"
+    meta = rmap.metadata()
+    assert meta["task"] == "autoencoder" and "whole output vector" in meta["explains"]
+    # the cache keys the task: the same arrays explained as a classifier are a different entry
+    again = compute_relevance(model, x, x, task="autoencoder", use_cache=True, quiet=True)
+    assert again.cached and again.task == "autoencoder"
+    save_relevance(rmap, tmp_path / "r")
+    assert load_relevance(tmp_path / "r").task == "autoencoder"
+    from toolchain.relevance.plots import plot_heatmaps  # 1-D samples plot as one row each
+
+    assert plot_heatmaps(rmap, x[: len(rmap.heatmaps)], tmp_path / "h.png").stat().st_size > 0
+
+
+def test_non_classification_selection_errors():
+    model, x = _dense_autoencoder()
+    with pytest.raises(ConfigError, match="'predicted' needs classes"):
+        compute_relevance(model, x, x, class_selection="predicted", task="regression")
+    with pytest.raises(DataError, match="float targets, not class labels"):
+        compute_relevance(model, x, x, use_cache=False)

@@ -5,6 +5,20 @@ saved to a temporary file and analysed by ``toolchain.relevance._worker`` in a c
 only process where iNNvestigate switches TensorFlow to graph mode. The parent stays eager and gets
 numpy arrays back. Results are cached on disk, keyed by model hash, data hash, rule, sample count
 and class selection, so a second run with the same inputs does not recompute.
+
+Regressors and autoencoders (``task`` other than classification) have no class to explain: LRP from
+one output unit leaves every other output's weights without relevance (639 of the 640 outputs of
+the MLPerf Tiny anomaly autoencoder). They are explained with class selection ``all_outputs``:
+iNNvestigate's ``neuron_selection_mode="all"``, which starts the backward pass from the whole output
+vector (the relevance of output k is its value y_k). Chosen over explaining the reconstruction error
+because (1) it asks which weights carry the outputs the model produces, the same question as the
+logit of a classifier, which is what pruning and bit allocation need to preserve; (2) it needs no
+targets, so calibration and unlabelled data work alike; (3) the error of a well-trained model is
+near zero on normal data and is not a function of the outputs alone (it involves the input a second
+time), so it would need a modified model and would start LRP from almost no relevance. A caveat:
+an output with a negative value starts with negative relevance, so signed sums over outputs can
+cancel; the bit allocator and the ``abs`` pruning scores use magnitudes. ``RelevanceMap.task`` and
+``class_selection`` record which explanation was computed, and both are part of the cache key.
 """
 from __future__ import annotations
 
@@ -27,9 +41,17 @@ from toolchain.errors import ConfigError, DataError, ToolchainError
 from toolchain.relevance.rules import DEFAULT_RULE, LAYER_FAMILIES, RULES, RuleSet
 
 __all__ = ["compute_relevance", "RelevanceMap", "LayerRelevance", "RULES", "DEFAULT_RULE",
-           "CLASS_SELECTIONS", "load_relevance", "save_relevance", "cache_dir"]
+           "CLASS_SELECTIONS", "load_relevance", "save_relevance", "cache_dir", "resolve_class_selection"]
 
-CLASS_SELECTIONS = ("true", "predicted", "all")
+CLASS_SELECTIONS = ("true", "predicted", "all", "all_outputs")
+#: what each class selection starts LRP from, for the metadata
+SELECTION_MEANING = {
+    "true": "the true class's logit per sample",
+    "predicted": "the predicted class's logit per sample",
+    "all": "every class logit (iNNvestigate neuron_selection_mode='all')",
+    "all_outputs": "the whole output vector, relevance of output k = its value "
+                   "(iNNvestigate neuron_selection_mode='all'; regression/autoencoder)",
+}
 #: bump when the worker's output changes meaning, so stale caches are not reused
 ENGINE_VERSION = "1"
 WORKER_TIMEOUT_S = 3600
@@ -80,6 +102,7 @@ class RelevanceMap:
     input_relevance_per_sample: np.ndarray = field(repr=False)
     timings: Mapping[str, float] = field(default_factory=dict)
     cached: bool = False
+    task: str = "classification"
 
     def __getitem__(self, layer_name: str) -> LayerRelevance:
         return self.layers[layer_name]
@@ -88,7 +111,9 @@ class RelevanceMap:
         return {
             "rule": self.rule, "rule_description": RULES.get(self.rule).description,
             "samples": self.samples, "model_hash": self.model_hash, "data_hash": self.data_hash,
-            "class_selection": self.class_selection, "engine_version": ENGINE_VERSION,
+            "class_selection": self.class_selection,
+            "explains": SELECTION_MEANING.get(self.class_selection, self.class_selection),
+            "task": self.task, "engine_version": ENGINE_VERSION,
             "timings_s": dict(self.timings),
             "layers": {name: lr.summary() for name, lr in self.layers.items()},
         }
@@ -137,7 +162,8 @@ def load_relevance(path: str | os.PathLike) -> RelevanceMap:
         }
         return RelevanceMap(layers, md["rule"], md["samples"], md["model_hash"], md["data_hash"],
                             md["class_selection"], arrays["__heatmaps__"], arrays["__heatmap_labels__"],
-                            arrays["__input_relevance_per_sample__"], md.get("timings_s", {}))
+                            arrays["__input_relevance_per_sample__"], md.get("timings_s", {}),
+                            task=md.get("task", "classification"))
     except (KeyError, ValueError, OSError) as e:
         raise ConfigError(f"relevance directory {d} is corrupt ({e}); recompute it with `toolchain relevance`") from None
 
@@ -154,24 +180,48 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def resolve_class_selection(task: str, class_selection: str) -> str:
+    """The class selection actually used: a regressor/autoencoder explains all its outputs
+    (``all_outputs``) under the default ``true`` (its target is the whole output vector) and under
+    ``all``; ``predicted`` has no meaning there and is refused."""
+    from toolchain.task import TASKS
+
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    if class_selection not in CLASS_SELECTIONS:
+        raise ConfigError(f"class selection {class_selection!r} is not one of {', '.join(CLASS_SELECTIONS)}")
+    if task == "classification":
+        return class_selection
+    if class_selection == "predicted":
+        raise ConfigError(f"class selection 'predicted' needs classes, but the model is a {task} model; "
+                          "use 'all_outputs' (or the default 'true', which means all outputs here)")
+    return "all_outputs"
+
+
 def _neurons_to_explain(canonical_model, x: np.ndarray, y: Optional[np.ndarray], selection: str) -> np.ndarray:
-    if selection == "all":
+    if selection in ("all", "all_outputs"):
         return np.full(len(x), -1, dtype=np.int64)
     if selection == "true":
         if y is None:
             raise DataError("class selection 'true' needs labels; pass labelled data or use --classes predicted")
+        if np.asarray(y).dtype.kind == "f":
+            raise DataError("class selection 'true' got float targets, not class labels; for a regression "
+                            "or autoencoder model pass task='regression'/'autoencoder' (it explains all outputs)")
         return np.asarray(y, dtype=np.int64)
     return np.argmax(canonical_model.predict(x, batch_size=256, verbose=0), axis=-1).astype(np.int64)
 
 
 def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule: str = DEFAULT_RULE,
                       class_selection: str = "true", batch_size: int = 64, heatmaps: int = 8,
-                      use_cache: bool = True, quiet: bool = False, profile: bool = False) -> RelevanceMap:
+                      use_cache: bool = True, quiet: bool = False, profile: bool = False,
+                      task: str = "classification") -> RelevanceMap:
     """Per-weight LRP relevance of every Conv2D / DepthwiseConv2D / Dense kernel of ``model``.
 
     ``x`` are the calibration samples (all of them are used: slice before calling), ``y`` their
     labels. ``class_selection`` picks the output neuron explained per sample: the true class
     (default), the predicted class, or all classes at once (the sum of all logits' explanations).
+    For ``task`` regression/autoencoder it is ``all_outputs`` (see the module docstring and
+    ``resolve_class_selection``); ``y`` is then not used.
     ``profile=True`` (never cached) also times steady-state batches in the worker: LRP to the input,
     LRP plus per-weight relevance, and a plain input gradient, reported in ``timings``.
     """
@@ -179,8 +229,7 @@ def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule
     from toolchain.model_io import model_hash
 
     ruleset: RuleSet = RULES.get(rule)
-    if class_selection not in CLASS_SELECTIONS:
-        raise ConfigError(f"class selection {class_selection!r} is not one of {', '.join(CLASS_SELECTIONS)}")
+    class_selection = resolve_class_selection(task, class_selection)
     if batch_size <= 0:
         raise ConfigError(f"batch size {batch_size} must be a positive integer")
     x = np.asarray(x, dtype=np.float32)
@@ -202,8 +251,10 @@ def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule
 
     m_hash = model_hash(model)
     d_hash = _array_hash(x, neurons)
-    key = hashlib.sha256(json.dumps([ENGINE_VERSION, m_hash, d_hash, ruleset.to_dict(), class_selection,
-                                     int(heatmaps)]).encode()).hexdigest()[:32]
+    key_parts = [ENGINE_VERSION, m_hash, d_hash, ruleset.to_dict(), class_selection, int(heatmaps)]
+    if task != "classification":  # classification keys stay as before, so caches stay valid
+        key_parts.append(task)
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:32]
     cached_dir = cache_dir() / key
     use_cache = use_cache and not profile
     if use_cache and (cached_dir / "relevance.json").is_file():
@@ -246,7 +297,7 @@ def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule
             layers, rule, len(x), m_hash, d_hash, class_selection, result["heatmaps"],
             neurons[: len(result["heatmaps"])], result["input_relevance_per_sample"],
             {"worker_wall": wall, "analyzer_build": t_build, "analyze": t_analyze,
-             **_profile_timings(result)})
+             **_profile_timings(result)}, task=task)
     if use_cache:
         staging = Path(tempfile.mkdtemp(prefix=key, dir=_ensure(cache_dir())))
         save_relevance(rmap, staging)

@@ -54,13 +54,15 @@ def plot_heatmaps(rmap, x: np.ndarray, path: str | Path, class_names=None) -> Pa
     n = len(rmap.heatmaps)
     fig, axes = plt.subplots(2, max(n, 1), figsize=(1.8 * max(n, 1), 4), squeeze=False)
     for i in range(n):
-        img = x[i].mean(axis=-1) if x[i].ndim == 3 else x[i]
-        heat = rmap.heatmaps[i].sum(axis=-1) if rmap.heatmaps[i].ndim == 3 else rmap.heatmaps[i]
+        # images (H, W, C) average their channels; 1-D samples (F,) show as one row
+        img = np.atleast_2d(x[i].mean(axis=-1) if x[i].ndim == 3 else x[i])
+        heat = np.atleast_2d(rmap.heatmaps[i].sum(axis=-1) if rmap.heatmaps[i].ndim == 3 else rmap.heatmaps[i])
         lim = max(float(np.abs(heat).max()), 1e-12)
         axes[0, i].imshow(img, cmap="gray", aspect="auto")
         axes[1, i].imshow(heat, cmap="bwr", vmin=-lim, vmax=lim, aspect="auto")
         label = int(rmap.heatmap_labels[i]) if len(rmap.heatmap_labels) > i else -1
-        title = "all classes" if label < 0 else (class_names[label] if class_names else str(label))
+        everything = "all outputs" if rmap.class_selection == "all_outputs" else "all classes"
+        title = everything if label < 0 else (class_names[label] if class_names else str(label))
         axes[0, i].set_title(title, fontsize=8)
         for ax in axes[:, i]:
             ax.set_xticks([])

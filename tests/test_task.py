@@ -1,0 +1,89 @@
+"""toolchain.task: inferring the task from model and data, metrics per task, the guard's number."""
+import numpy as np
+import pytest
+
+from toolchain.data.dataset import Dataset
+from toolchain.errors import ConfigError
+from toolchain.task import evaluate, infer_task, metric_change, primary_metric, resolve_task, top1_agreement
+
+
+def _dataset(task, y, x=None, anomaly=None, classes=()):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(len(y), 6)).astype(np.float32) if x is None else x
+    return Dataset("d", x, y, x, y, classes, tuple(x.shape[1:]), "test", task=task, anomaly_eval=anomaly)
+
+
+def _dense(n_in, n_out, activation):
+    import tensorflow as tf
+
+    inp = tf.keras.Input((n_in,))
+    return tf.keras.Model(inp, tf.keras.layers.Dense(n_out, activation=activation)(inp))
+
+
+def test_infer_task_from_targets_and_model():
+    labels = _dataset("classification", np.array([0, 1, 0, 1], np.int64), classes=("a", "b"))
+    assert infer_task(_dense(6, 2, "softmax"), labels) == "classification"
+    reg = _dataset("regression", np.ones((4, 2), np.float32))
+    assert infer_task(_dense(6, 2, None), reg) == "regression"
+    x = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
+    # targets equal to the inputs, even when the dataset only says "regression"
+    assert infer_task(None, _dataset("regression", x.copy(), x=x)) == "autoencoder"
+    # output shape == input shape with a linear output
+    assert infer_task(_dense(6, 6, None), _dataset("regression", np.ones((4, 6), np.float32))) == "autoencoder"
+    assert infer_task(_dense(6, 6, "sigmoid"), _dataset("regression", np.ones((4, 6), np.float32))) == "regression"
+
+
+def test_resolve_task_refuses_an_override_the_data_contradicts():
+    reg = _dataset("regression", np.ones((4, 2), np.float32))
+    assert resolve_task(None, reg, "autoencoder") == "autoencoder"
+    with pytest.raises(ConfigError, match="'classification' was given but dataset 'd' has float targets"):
+        resolve_task(None, reg, "classification")
+    labels = _dataset("classification", np.array([0, 1, 0, 1], np.int64), classes=("a", "b"))
+    with pytest.raises(ConfigError, match="integer class labels"):
+        resolve_task(None, labels, "regression")
+    with pytest.raises(ConfigError, match="is not one of classification, regression, autoencoder"):
+        resolve_task(None, labels, "detection")
+
+
+def test_evaluate_classification_and_agreement():
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    assert evaluate("classification", np.array([0, 1, 1]), scores) == {"samples": 3, "accuracy": pytest.approx(2 / 3)}
+    assert top1_agreement(scores, np.array([[1, 0], [0, 1], [0, 1]])) == pytest.approx(2 / 3)
+
+
+def test_evaluate_autoencoder_errors_and_auc():
+    t = np.zeros((4, 3))
+    p = np.array([[0, 0, 0], [1, 1, 1], [0, 0, 3], [2, 0, 0]], float)
+    m = evaluate("autoencoder", t, p, anomaly=np.array([0, 1, 1, 0]))
+    np.testing.assert_allclose(m["reconstruction_error"], [0, 1, 3, 4 / 3])
+    assert m["mse"] == pytest.approx(np.mean(p ** 2)) and m["mae"] == pytest.approx(np.mean(p))
+    # anomalous samples score 1 and 3, normal 0 and 4/3: 3 of 4 pairs ordered right
+    assert m["auc"] == pytest.approx(0.75)
+    assert "auc" not in evaluate("autoencoder", t, p, anomaly=np.zeros(4, int))
+    assert "reconstruction_error" not in evaluate("regression", t, p)
+
+
+def test_primary_metric_and_metric_change():
+    assert primary_metric("classification", False) == ("accuracy", True)
+    assert primary_metric("regression", False) == ("mse", False)
+    assert primary_metric("autoencoder", True) == ("auc", True)
+    assert primary_metric("autoencoder", False) == ("mse", False)
+    c = metric_change("classification", {"accuracy": 0.90}, {"accuracy": 0.87})
+    assert c.metric == "accuracy" and c.drop == pytest.approx(0.03)
+    c = metric_change("regression", {"mse": 2.0}, {"mse": 2.2})
+    assert c.metric == "mse" and c.drop == pytest.approx(0.10) and "+10.0%" in c.describe()
+    assert metric_change("regression", {"mse": 2.0}, {"mse": 1.0}).drop == pytest.approx(-0.5)
+    c = metric_change("autoencoder", {"mse": 1.0, "auc": 0.9}, {"mse": 1.5, "auc": 0.85})
+    assert c.metric == "auc" and c.drop == pytest.approx(0.05)
+
+
+def test_targets_compatible_checks_output_width():
+    from toolchain.errors import DataError
+    from toolchain.pipeline import check_targets_compatible
+
+    reg = _dataset("regression", np.ones((4, 2), np.float32))
+    check_targets_compatible(reg, (6,), (2,))
+    check_targets_compatible(reg, (None,), (None,))
+    with pytest.raises(DataError, match=r"samples have shape \(6,\) but the model expects \(5,\); "
+                                        r"targets have shape \(2,\) but the model outputs \(3,\)"):
+        check_targets_compatible(reg, (5,), (3,))
