@@ -24,7 +24,7 @@ import numpy as np
 from toolchain.data.dataset import TASKS
 from toolchain.errors import ConfigError, DataError
 
-__all__ = ["TASKS", "MetricChange", "evaluate", "infer_task", "metric_change", "primary_metric",
+__all__ = ["TASKS", "MetricChange", "evaluate", "infer_task", "infer_task_from_model", "metric_change", "primary_metric",
            "resolve_task", "top1_agreement"]
 
 #: final activations that make outputs class scores
@@ -57,12 +57,19 @@ def infer_task(model, dataset) -> str:
     x = dataset.x_train
     if y.shape == x.shape and np.array_equal(y, x):
         return "autoencoder"
-    if model is not None:
-        out_shape = tuple(model.output_shape[1:])
-        in_shape = tuple(model.input_shape[1:])
-        if out_shape == in_shape and _final_activation(model) not in _CLASS_ACTIVATIONS:
-            return "autoencoder"
+    if model is not None and infer_task_from_model(model) == "autoencoder":
+        return "autoencoder"
     return "regression"
+
+
+def infer_task_from_model(model) -> str:
+    """The task a model alone suggests (no data at hand): ``autoencoder`` when it maps its input
+    shape to the same output shape through a linear final activation, else ``classification``. A
+    regressor's outputs look like logits, so regression must be named by the caller."""
+    out_shape, in_shape = tuple(model.output_shape[1:]), tuple(model.input_shape[1:])
+    if out_shape == in_shape and _final_activation(model) not in _CLASS_ACTIVATIONS:
+        return "autoencoder"
+    return "classification"
 
 
 def resolve_task(model, dataset, override: Optional[str] = None) -> str:

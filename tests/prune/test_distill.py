@@ -126,3 +126,77 @@ def test_cli_prune_with_distillation(trained, tmp_path, cache_dir):
     rc = main(["prune", "--model", str(model_path), "--data", "digits", "--sparsity", "0.4",
                "--distill-steps", "-1", "--out", str(tmp_path / "bad")])
     assert rc != 0 and not (tmp_path / "bad").exists()
+
+
+def _autoencoder(seed=0, width=12):
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(seed)
+    inp = tf.keras.Input((width,))
+    h = tf.keras.layers.Dense(6, activation="relu", name="enc")(inp)
+    model = tf.keras.Model(inp, tf.keras.layers.Dense(width, name="dec")(h))
+    w, b = model.get_layer("dec").get_weights()
+    model.get_layer("dec").set_weights([w * 10.0, b + 20.0])  # outputs in tens, as real features can be
+    return model
+
+
+def _clone(model):
+    import tensorflow as tf
+
+    c = tf.keras.models.clone_model(model)
+    c.set_weights(model.get_weights())
+    return c
+
+
+def test_autoencoder_is_distilled_by_mse_not_softmax():
+    """A student whose outputs are all shifted by +5 is perfect under a softmax (shift-invariant),
+    so a KL loss would not move it; the MSE loss chosen for an autoencoder removes the shift."""
+    teacher = _autoencoder()
+    student = _clone(teacher)
+    w, b = student.get_layer("dec").get_weights()
+    student.get_layer("dec").set_weights([w, b + 5.0])
+    x = np.random.default_rng(0).normal(size=(64, 12)).astype(np.float32)
+    history = distill(student, teacher, x, DistillConfig(steps=300, learning_rate=0.05, time_budget_s=None))
+    assert history["task"] == "autoencoder" and history["agreement_after"] is None
+    assert history["teacher_mse_before"] == pytest.approx(25.0, rel=1e-3)
+    assert history["teacher_mse_after"] < 0.05 * history["teacher_mse_before"], history["teacher_mse_after"]
+    assert history["steps_run"] == 300 and history["stop_reason"] == "cap"
+
+
+def test_choose_steps_cuts_the_cap_to_the_time_budget():
+    from toolchain.prune.distill import MIN_STEPS, choose_steps
+
+    assert choose_steps(48000, 0.012, 3600.0) == (48000, "cap")  # DS-CNN-like: 10 minutes
+    assert choose_steps(48000, 0.375, 3600.0) == (9000, "time_budget")  # ~5 h: cut to 9,600 -> 9,000
+    assert choose_steps(48000, 0.375, None) == (48000, "cap")
+    assert choose_steps(48000, 100.0, 60.0) == (MIN_STEPS, "time_budget")
+
+
+def test_time_budget_cuts_a_run_and_says_so(capsys):
+    teacher = _autoencoder()
+    student = _autoencoder(seed=1)
+    x = np.random.default_rng(0).normal(size=(64, 12)).astype(np.float32)
+    # 10 ms is far less than 5,000 steps take: the run is cut to MIN_STEPS
+    history = distill(student, teacher, x, DistillConfig(steps=5000, time_budget_s=0.01, patience=0), quiet=False)
+    assert history["stop_reason"] == "time_budget" and history["steps_chosen"] == history["steps_run"] < 5000
+    assert history["estimated_seconds"] == pytest.approx(history["seconds_per_step"] * history["steps_chosen"])
+    err = capsys.readouterr().err
+    assert f"distill: {history['steps_chosen']} steps (cut from the cap 5000 to fit the time budget" in err
+
+
+def test_early_stopping_restores_the_best_held_out_weights():
+    """A learning rate far too high makes the held-out loss climb after its first evaluations: the
+    run stops after ``patience`` evaluations without improvement and ends with the weights of the
+    best evaluation (recomputed here on the same held-out samples)."""
+    teacher = _autoencoder()
+    student = _autoencoder(seed=1)
+    x = np.random.default_rng(0).normal(size=(80, 12)).astype(np.float32)
+    config = DistillConfig(steps=3000, learning_rate=0.5, eval_every=10, patience=3, time_budget_s=None, seed=2)
+    history = distill(student, teacher, x, config)
+    assert history["stop_reason"] == "early_stop" and history["steps_run"] < 3000, history["heldout_loss"]
+    steps, losses = zip(*history["heldout_loss"])
+    best = int(np.argmin(losses))
+    assert history["best_heldout_step"] == steps[best] and len(steps) - 1 - best == config.patience
+    hold = x[np.random.default_rng(config.seed).permutation(len(x))[:history["holdout_samples"]]]
+    now = float(np.mean((student.predict(hold, verbose=0) - teacher.predict(hold, verbose=0)) ** 2))
+    assert now == pytest.approx(losses[best], rel=1e-4)

@@ -19,6 +19,19 @@ Written here because neither tfmot nor Keras 2.14 has a distillation API (Keras'
 an example in its docs, not part of the library). The student runs with ``training=False`` so
 BatchNormalization keeps the statistics of the real data and Dropout is off; weight masks (weight
 granularity) are re-applied after every step, so pruned weights stay exactly zero.
+
+Regressors and autoencoders have no class distribution: their outputs are matched by mean squared
+error (no softmax, no temperature); the augmentations apply alike (the teacher labels every input).
+
+Scaling. The 48,000 steps are tuned on DS-CNN (prune + distil + export take about 11 minutes a
+seed on the reference machine, README); a MobileNetV1 at 96x96 would need about 5 hours for them. ``steps`` is therefore a cap: the first
+``TIMING_STEPS`` steps are timed and the run is cut to ``time_budget_s`` (default
+``DEFAULT_TIME_BUDGET_S``, an hour: about 6x DS-CNN's distillation time there, so DS-CNN keeps its
+48,000 steps unless the machine is that much slower or busier). Training also stops early when the loss on a held-out slice of the
+calibration samples (``holdout``) has not improved for ``patience`` evaluations. Patience is
+generous on purpose (12 evaluations of 1/48 of the run = a quarter of it): under the cosine
+schedule the held-out loss of DS-CNN keeps falling to the end, and a run that reaches its last step
+keeps its final weights, so the tuned default stays as it was except for the held-out 10%.
 """
 from __future__ import annotations
 
@@ -29,6 +42,22 @@ import numpy as np
 
 from toolchain.errors import ConfigError
 from toolchain.recipe import DEFAULT_RECIPE
+
+#: steps timed (after the first, which traces the graph) to estimate the run's duration
+TIMING_STEPS = 50
+#: default wall-clock budget of one distillation run, seconds (the step cap still applies)
+DEFAULT_TIME_BUDGET_S = 3600.0
+#: a time-budgeted step count is rounded down to a multiple of this (when larger)
+STEP_ROUNDING = 1000
+#: never fewer steps than this, whatever the budget
+MIN_STEPS = 100
+#: held-out evaluations per run (every steps // EVALS_PER_RUN steps, at least MIN_EVAL_EVERY)
+EVALS_PER_RUN = 48
+MIN_EVAL_EVERY = 100
+#: an evaluation counts as better when its loss is this fraction below the best so far
+MIN_RELATIVE_IMPROVEMENT = 1e-3
+#: the held-out slice never exceeds this many samples (evaluation cost)
+MAX_HOLDOUT = 512
 
 
 @dataclass(frozen=True)
@@ -50,10 +79,21 @@ class DistillConfig:
     learning_rate: float = 1e-3
     batch_size: int = 64
     seed: int = 0
+    #: "classification" (KL of class distributions) | "regression" | "autoencoder" (MSE of the
+    #: outputs); None: inferred from the teacher (``toolchain.task.infer_task_from_model``)
+    task: Optional[str] = None
+    #: wall-clock budget in seconds; the step count is cut to fit it (None: always run ``steps``)
+    time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S
+    #: share of the samples held out (not trained on) to decide early stopping
+    holdout: float = 0.1
+    #: evaluations without improvement before stopping early (0: no early stopping, no holdout)
+    patience: int = 12
+    #: steps between held-out evaluations (0: steps // EVALS_PER_RUN, at least MIN_EVAL_EVERY)
+    eval_every: int = 0
 
     def __post_init__(self):
         problems = []
-        for name, lo in (("steps", 0), ("batch_size", 1)):
+        for name, lo in (("steps", 0), ("batch_size", 1), ("patience", 0), ("eval_every", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 problems.append(f"{name} {v!r} is not an integer >= {lo}")
@@ -61,6 +101,16 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 problems.append(f"{name} {v!r} is not a number > 0")
+        if self.time_budget_s is not None and (isinstance(self.time_budget_s, bool) or not isinstance(
+                self.time_budget_s, (int, float)) or not self.time_budget_s > 0):
+            problems.append(f"time_budget_s {self.time_budget_s!r} is not a number > 0 or None")
+        if self.task is not None:
+            from toolchain.task import TASKS
+
+            if self.task not in TASKS:
+                problems.append(f"task {self.task!r} is not one of {', '.join(TASKS)}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0.0 <= self.holdout < 1.0:
+            problems.append(f"holdout {self.holdout!r} is not a number in [0, 1)")
         for name in ("mixup", "shift", "time_mask", "feature_mask", "mask_prob", "noise"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
@@ -73,10 +123,16 @@ class DistillConfig:
 
     @classmethod
     def from_recipe(cls, prune_settings: Mapping, **overrides) -> "DistillConfig":
-        """The distillation a recipe's ``prune`` section asks for (``distill_steps``,
-        ``distill_temperature``); ``overrides`` replace single fields (e.g. ``seed``)."""
+        """The distillation a recipe's ``prune`` section asks for (``distill_steps`` (the cap),
+        ``distill_temperature``, and when present ``distill_time_budget_s`` (null: no budget),
+        ``distill_patience``, ``distill_holdout``); ``overrides`` replace single fields (e.g.
+        ``seed``, ``task``)."""
         fields = {"steps": prune_settings["distill_steps"],
                   "temperature": float(prune_settings["distill_temperature"])}
+        for key, name in (("distill_time_budget_s", "time_budget_s"), ("distill_patience", "patience"),
+                          ("distill_holdout", "holdout")):
+            if key in prune_settings:
+                fields[name] = prune_settings[key]
         return cls(**{**fields, **overrides})
 
 
@@ -132,11 +188,60 @@ def make_augment(x: np.ndarray, config: DistillConfig, rng):
     return augment
 
 
+class _CosineToTotal:
+    """Keras' ``CosineDecay`` (alpha 0) whose decay length is a variable, so the step count can be
+    chosen after the first steps were timed; with the cap as length it equals ``CosineDecay``."""
+
+    def __new__(cls, learning_rate: float, total):
+        import math
+
+        import tensorflow as tf
+
+        class Schedule(tf.keras.optimizers.schedules.LearningRateSchedule):
+            def __call__(self, step):
+                frac = tf.minimum(tf.cast(step, tf.float32), tf.cast(total, tf.float32)) / tf.cast(total, tf.float32)
+                return learning_rate * 0.5 * (1.0 + tf.cos(math.pi * frac))
+
+            def get_config(self):
+                return {"learning_rate": learning_rate}
+
+        return Schedule()
+
+
+def choose_steps(cap: int, seconds_per_step: float, time_budget_s: Optional[float]) -> tuple[int, str]:
+    """Steps to train: the cap, or fewer when the cap would take longer than the time budget (then
+    rounded down to a multiple of ``STEP_ROUNDING`` so small timing jitter does not change the run).
+    Returns ``(steps, reason)`` with reason ``cap`` or ``time_budget``."""
+    if time_budget_s is None or seconds_per_step <= 0 or cap * seconds_per_step <= time_budget_s:
+        return cap, "cap"
+    steps = int(time_budget_s / seconds_per_step)
+    if steps > STEP_ROUNDING:
+        steps -= steps % STEP_ROUNDING
+    return max(MIN_STEPS, min(cap, steps)), "time_budget"
+
+
+def _format_seconds(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
 def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConfig(),
             masks: Optional[Mapping[str, np.ndarray]] = None, quiet: bool = True) -> dict:
-    """Train ``student`` in place for ``config.steps`` batches to match ``teacher`` on augmented
-    batches of ``x``; returns the loss curve and the student's top-1 agreement with the teacher on
-    ``x`` before and after."""
+    """Train ``student`` in place to match ``teacher`` on augmented batches of ``x``.
+
+    Classifiers match the teacher's class distribution (KL at ``temperature``); regressors and
+    autoencoders (``config.task``, inferred from the teacher when ``None``) match its outputs by mean
+    squared error, with no softmax or temperature. ``config.steps`` is a cap: after
+    ``TIMING_STEPS`` steps the remaining run is timed and cut to ``config.time_budget_s``
+    (``choose_steps``), and every ``eval_every`` steps the loss on a held-out ``holdout`` share of
+    ``x`` (not trained on) is measured; after ``patience`` evaluations without an improvement of
+    ``MIN_RELATIVE_IMPROVEMENT`` training stops and the best weights are restored (as Keras 2.14's
+    ``EarlyStopping(restore_best_weights=True)``: a run that reaches its last step keeps its final,
+    fully annealed weights). Returns the loss curve, held-out curve, chosen/run steps, stop reason,
+    and the student's agreement with the teacher on ``x`` before and after (top-1 agreement for
+    classifiers; ``teacher_mse_before/after`` otherwise)."""
+    import sys
+    import time
+
     import tensorflow as tf
 
     from toolchain.prune.schedule import HoldMasks
@@ -145,57 +250,134 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
     if x.ndim < 2 or len(x) < 2:
         raise ConfigError(f"distillation needs at least 2 calibration samples, got {len(x)}")
     if tuple(student.input_shape[1:]) != tuple(teacher.input_shape[1:]) or \
-            student.output_shape[-1] != teacher.output_shape[-1]:
+            tuple(student.output_shape[1:]) != tuple(teacher.output_shape[1:]):
         raise ConfigError(f"student {student.input_shape}->{student.output_shape} and teacher "
-                          f"{teacher.input_shape}->{teacher.output_shape} differ in input or class count")
+                          f"{teacher.input_shape}->{teacher.output_shape} differ in input or output shape")
+    from toolchain.task import infer_task_from_model
 
-    teacher_top1 = np.argmax(teacher.predict(x, batch_size=256, verbose=0), -1)
+    task = config.task or infer_task_from_model(teacher)
+    classify = task == "classification"
+    teacher_out = teacher.predict(x, batch_size=256, verbose=0)
 
-    def agreement():
-        return float((np.argmax(student.predict(x, batch_size=256, verbose=0), -1) == teacher_top1).mean())
+    def closeness() -> float:
+        out = student.predict(x, batch_size=256, verbose=0)
+        if classify:
+            return float((np.argmax(out, -1) == np.argmax(teacher_out, -1)).mean())
+        return float(np.mean((out.astype(np.float64) - teacher_out) ** 2))
 
-    history = {"config": config.to_dict(), "agreement_before": agreement(), "loss": []}
+    key = "agreement" if classify else "teacher_mse"
+    history = {"config": config.to_dict(), "task": task, "loss": [], "heldout_loss": [],
+               "steps_cap": int(config.steps), f"{key}_before": closeness()}
+    if not classify:
+        history["agreement_before"] = history["agreement_after"] = None
     if config.steps == 0:
-        history["agreement_after"] = history["agreement_before"]
+        history.update({f"{key}_after": history[f"{key}_before"], "steps_chosen": 0, "steps_run": 0,
+                        "stop_reason": "steps=0"})
         return history
+
+    # a held-out slice for early stopping, never trained on (at least 2 samples stay for training)
+    rng_np = np.random.default_rng(config.seed)
+    n_hold = min(MAX_HOLDOUT, int(round(config.holdout * len(x))), len(x) - 2) if config.patience else 0
+    order = rng_np.permutation(len(x))
+    x_hold, x_train = x[order[:n_hold]], x[np.sort(order[n_hold:])]
+    history["holdout_samples"] = int(n_hold)
+
     tf.keras.utils.set_random_seed(config.seed)
     rng = tf.random.Generator.from_seed(config.seed)
-    augment = make_augment(x, config, rng)
+    augment = make_augment(x_train, config, rng)
     t = float(config.temperature)
-    teacher_lp, student_lp = _log_probs(teacher), _log_probs(student)
-    opt = tf.keras.optimizers.Adam(tf.keras.optimizers.schedules.CosineDecay(config.learning_rate, config.steps))
+    total = tf.Variable(float(config.steps), trainable=False, dtype=tf.float32)
+    opt = tf.keras.optimizers.Adam(_CosineToTotal(config.learning_rate, total))
     hold = HoldMasks(masks) if masks else None
     if hold is not None:
         hold.apply(student)
     variables = student.trainable_variables
 
+    if classify:
+        teacher_lp, student_lp = _log_probs(teacher), _log_probs(student)
+
+        def loss_fn(t_out, s_out):  # KL(teacher || student) at temperature t, scaled by t**2
+            target = tf.nn.softmax(teacher_lp(t_out) / t)
+            log_q = tf.nn.log_softmax(student_lp(s_out) / t)
+            return tf.reduce_mean(tf.reduce_sum(target * (tf.math.log(tf.maximum(target, 1e-12)) - log_q), -1)) * t * t
+    else:
+        def loss_fn(t_out, s_out):
+            return tf.reduce_mean(tf.square(s_out - t_out))
+
     @tf.function
     def step(xb):
         xa = augment(xb)
-        target = tf.nn.softmax(teacher_lp(teacher(xa, training=False)) / t)
+        t_out = teacher(xa, training=False)
         with tf.GradientTape() as tape:
-            log_q = tf.nn.log_softmax(student_lp(student(xa, training=False)) / t)
-            loss = tf.reduce_mean(tf.reduce_sum(target * (tf.math.log(tf.maximum(target, 1e-12)) - log_q), -1)) * t * t
+            loss = loss_fn(t_out, student(xa, training=False))
         opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 
-    batches = iter(tf.data.Dataset.from_tensor_slices(x).shuffle(len(x), seed=config.seed)
-                   .batch(min(config.batch_size, len(x)), drop_remainder=True).repeat())
+    if n_hold:
+        xh = tf.constant(x_hold)
+        th = tf.constant(teacher.predict(x_hold, batch_size=256, verbose=0))
+
+        @tf.function
+        def heldout_loss():
+            return loss_fn(th, student(xh, training=False))
+
+    batches = iter(tf.data.Dataset.from_tensor_slices(x_train).shuffle(len(x_train), seed=config.seed)
+                   .batch(min(config.batch_size, len(x_train)), drop_remainder=True).repeat())
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.steps, desc="distill", unit="step", disable=quiet, leave=False)
-    every = max(1, config.steps // 50)
-    for i in range(config.steps):
+    steps = int(config.steps)
+    reason = "cap"
+    eval_every = config.eval_every or max(MIN_EVAL_EVERY, steps // EVALS_PER_RUN)
+    best, best_step, best_weights, since_best = np.inf, -1, None, 0
+    bar = tqdm(total=steps, desc="distill", unit="step", disable=quiet, leave=False)
+    every = max(1, steps // 50)
+    t_start = time.perf_counter()
+    t_timing = None
+    i = 0
+    while i < steps:
         loss = step(next(batches))
         if hold is not None:
             hold.apply(student)
-        if i % every == 0 or i == config.steps - 1:
+        if i == 0:
+            t_timing = time.perf_counter()  # the first step traces the graph: not timed
+        if i == TIMING_STEPS and steps > TIMING_STEPS + 1:
+            per_step = (time.perf_counter() - t_timing) / TIMING_STEPS
+            steps, reason = choose_steps(steps, per_step, config.time_budget_s)
+            if steps != config.steps:
+                total.assign(float(steps))
+                eval_every = config.eval_every or max(MIN_EVAL_EVERY, steps // EVALS_PER_RUN)
+                bar.reset(total=steps)
+                bar.update(i)
+            history["seconds_per_step"] = per_step
+            history["estimated_seconds"] = per_step * steps
+            if not quiet:
+                why = (f"cut from the cap {config.steps} to fit the time budget of "
+                       f"{_format_seconds(config.time_budget_s)}" if reason == "time_budget" else "the cap")
+                print(f"distill: {steps} steps ({why}) at {per_step * 1000:.1f} ms/step, about "
+                      f"{_format_seconds(per_step * steps)}", file=sys.stderr)
+        if i % every == 0 or i == steps - 1:
             value = float(loss)
             if not np.isfinite(value):
                 raise ConfigError(f"distillation diverged (loss {value} at step {i}); lower the learning rate")
             history["loss"].append((i, value))
             bar.set_postfix(loss=f"{value:.3f}")
         bar.update(1)
+        i += 1
+        if n_hold and (i % eval_every == 0 or i == steps):
+            value = float(heldout_loss())
+            history["heldout_loss"].append((i, value))
+            if value < best * (1.0 - MIN_RELATIVE_IMPROVEMENT) or best_weights is None:
+                best, best_step, since_best = value, i, 0
+                best_weights = [v.numpy() for v in variables]
+            else:
+                since_best += 1
+                if since_best >= config.patience and i < steps:
+                    for v, w in zip(variables, best_weights):
+                        v.assign(w)
+                    reason = "early_stop"
+                    break
     bar.close()
-    history["agreement_after"] = agreement()
+    history.update({"steps_chosen": steps, "steps_run": i, "stop_reason": reason,
+                    "best_heldout_step": best_step if n_hold else None,
+                    "seconds": time.perf_counter() - t_start, f"{key}_after": closeness()})
     return history
