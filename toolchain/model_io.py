@@ -153,7 +153,12 @@ def load_model(path, trust_model: bool = False) -> "tf.keras.Model":
                 f"--trust-model (trust_model=True) if you trust the file, or rebuild these "
                 f"parts with built-in layers"
             )
-    model = _deserialize(p, kind, trust_model, config)
+    from toolchain import keras3
+
+    if kind in ("keras", "h5") and keras3.is_keras3(p, kind, config):
+        model = keras3.load(p, kind, config)  # translated, never deserialized by Keras itself
+    else:
+        model = _deserialize(p, kind, trust_model, config)
     _check_loaded(p, model)
     return model
 
@@ -328,6 +333,11 @@ def _walk(obj, is_layer: bool) -> Iterator[Tuple[dict, bool]]:
         yield from _walk(value, child_is_layer)
 
 
+def _keras_module(module) -> bool:
+    """``keras``, ``keras.layers``, ``keras.src.…``: Keras' own modules (not ``keras_evil``)."""
+    return module is not None and (str(module) == "keras" or str(module).startswith("keras."))
+
+
 def _unsafe_objects(config: dict) -> List[str]:
     """Lambda layers, Python lambdas and custom (non-Keras) objects, as 'name (Class)'."""
     layer_names = _keras_layer_names()
@@ -342,14 +352,15 @@ def _unsafe_objects(config: dict) -> List[str]:
         if cls in ("Lambda", "__lambda__"):
             bad = True
         elif is_layer:
-            bad = cls not in layer_names or (module is not None
-                                             and not str(module).startswith("keras"))
-        elif cls == "function":  # a function referenced by name (Keras 2.13+ configs)
-            bad = not (str(module).startswith("keras") or inner in activations)
+            bad = cls not in layer_names or (module is not None and not _keras_module(module)) or (
+                registered not in (None, cls))
+        elif cls == "function":  # a function referenced by name (Keras 2.13+ and 3 configs): safe only
+            # as a stock activation from a Keras module; Keras would import any other module named
+            bad = not (_keras_module(module) and inner in activations)
         elif cls.startswith("__"):  # serialization helpers: __tuple__, __numpy__, ...
             bad = False
         elif "module" in obj:  # Keras 2.13+ serialization: built-ins live in keras.*
-            bad = module is None or not str(module).startswith("keras") or (
+            bad = module is None or not _keras_module(module) or (
                 registered not in (None, cls) and ">" in str(registered))
         else:  # older configs name registered custom objects "package>Class"
             bad = ">" in cls
