@@ -87,3 +87,12 @@ def test_targets_compatible_checks_output_width():
     with pytest.raises(DataError, match=r"samples have shape \(6,\) but the model expects \(5,\); "
                                         r"targets have shape \(2,\) but the model outputs \(3,\)"):
         check_targets_compatible(reg, (5,), (3,))
+
+
+def test_relative_mse_increase_has_a_floor_on_the_targets_scale():
+    from toolchain.task import mse_floor_for
+
+    y = np.full((10, 2), 50.0)  # mean square 2500: floor 2.5e-3
+    assert mse_floor_for(y) == pytest.approx(2.5e-3)
+    c = metric_change("regression", {"mse": 0.0}, {"mse": 1e-6}, mse_floor_for(y))
+    assert c.drop == pytest.approx(4e-4)  # rounding of a perfect fit is not an infinite increase

@@ -24,7 +24,7 @@ import numpy as np
 from toolchain.data.dataset import TASKS
 from toolchain.errors import ConfigError, DataError
 
-__all__ = ["TASKS", "MetricChange", "evaluate", "infer_task", "infer_task_from_model", "metric_change", "primary_metric",
+__all__ = ["TASKS", "MetricChange", "evaluate", "infer_task", "infer_task_from_model", "metric_change", "mse_floor_for", "primary_metric",
            "resolve_task", "top1_agreement"]
 
 #: final activations that make outputs class scores
@@ -177,12 +177,25 @@ class MetricChange:
 _MSE_FLOOR = 1e-12
 
 
-def metric_change(task: str, original: dict, artifact: dict) -> MetricChange:
-    """The drop of the primary metric from ``original`` to ``artifact`` (dicts from ``evaluate``)."""
+#: the relative MSE increase is measured against at least this share of the targets' mean square
+MSE_FLOOR_OF_TARGET_POWER = 1e-6
+
+
+def mse_floor_for(y_true: np.ndarray) -> float:
+    """The smallest MSE a relative increase is measured against, for targets ``y_true``."""
+    return MSE_FLOOR_OF_TARGET_POWER * float(np.mean(np.square(np.asarray(y_true, np.float64))))
+
+
+def metric_change(task: str, original: dict, artifact: dict, mse_floor: float = _MSE_FLOOR) -> MetricChange:
+    """The drop of the primary metric from ``original`` to ``artifact`` (dicts from ``evaluate``).
+
+    A relative MSE increase divides by ``max(original mse, mse_floor)``: an original that fits its
+    targets exactly would make any rounding an infinite increase; pass a floor on the targets'
+    scale (``mse_floor_for``)."""
     name, higher_better = primary_metric(task, "auc" in original and "auc" in artifact)
     a, b = float(original[name]), float(artifact[name])
     if higher_better:
         drop = a - b
     else:
-        drop = (b - a) / max(a, _MSE_FLOOR)
+        drop = (b - a) / max(a, mse_floor, _MSE_FLOOR)
     return MetricChange(name, a, b, float(drop))
