@@ -3,7 +3,6 @@ and writes its outputs through ``staged_output`` (complete or absent, never half
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,16 +20,18 @@ def load_inputs(model_path: str, data_spec: str, samples: Optional[int] = None,
     ``task`` is the caller's override, refused when the targets contradict it) and set on the
     returned dataset. Classifiers must output one score per class; regressors and autoencoders one
     value per target value."""
-    from toolchain.data import check_compatible, load_dataset
+    from toolchain.data import check_compatible, fit_to_model, load_dataset, with_task
     from toolchain.model_io import load_model
     from toolchain.task import resolve_task
 
     model = load_model(model_path, trust_model=trust_model)
-    dataset = load_dataset(data_spec, data_dir=data_dir, samples=samples)
+    sample_shape = tuple(model.input_shape[1:])
+    # the model's input shape: images: resize to it; any data: add/drop a unit channel axis to fit it
+    dataset = fit_to_model(load_dataset(data_spec, data_dir=data_dir, samples=samples, task=task,
+                                        input_shape=sample_shape), sample_shape)
     resolved = resolve_task(model, dataset, task)
     if resolved != dataset.task:
-        dataset = replace(dataset, task=resolved,
-                          anomaly_eval=dataset.anomaly_eval if resolved == "autoencoder" else None)
+        dataset = with_task(dataset, resolved)
     if dataset.is_classification:
         check_compatible(dataset, tuple(model.input_shape[1:]), int(model.output_shape[-1]))
     else:
