@@ -105,3 +105,21 @@ def test_report_renders_in_headless_chromium(tmp_path):
                    capture_output=True, timeout=120)
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 20_000  # a blank page is a few KB
+
+
+def test_fidelity_of_an_autoencoder_explains_all_outputs(tmp_path, monkeypatch):
+    """A dense autoencoder on 1-D samples: both models are explained over all outputs (no class),
+    the same model correlates 1 with itself, and the plot draws 1-D samples as rows."""
+    import tensorflow as tf
+
+    from toolchain.fidelity import explanation_fidelity, plot_fidelity
+
+    monkeypatch.setenv("TOOLCHAIN_CACHE_DIR", str(tmp_path / "cache"))
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((10,))
+    model = tf.keras.Model(inp, tf.keras.layers.Dense(10)(tf.keras.layers.Dense(4, activation="relu")(inp)))
+    x = np.random.default_rng(0).normal(size=(6, 10)).astype(np.float32)
+    result = explanation_fidelity(model, model, x, x, quiet=True, task="autoencoder")
+    assert result.summary()["class_selection"] == "all_outputs" and result.summary()["task"] == "autoencoder"
+    np.testing.assert_allclose(result.correlations, 1.0, atol=1e-6)
+    assert plot_fidelity(result, x, tmp_path / "f.png", class_names=[], y=x).stat().st_size > 0

@@ -1,7 +1,8 @@
 """Explanation fidelity: does the compressed model keep the original model's reasons?
 
 Input relevance (LRP heatmaps) of the original and of the compressed model are computed on the
-same evaluation samples, explaining the same class (the true label), and compared per sample with
+same evaluation samples, explaining the same class (the true label; for a regressor or autoencoder
+all outputs, see ``toolchain.relevance``), and compared per sample with
 the Pearson correlation of the flattened heatmaps. The compressed model analysed is a float Keras
 model carrying the compressed weights (pruned, and quantised-then-dequantised to the planned widths):
 iNNvestigate cannot analyse tfmot's fake-quant layers, and activation quantisation is not modelled.
@@ -22,6 +23,8 @@ class FidelityResult:
     correlations: np.ndarray = field(repr=False)
     original_heatmaps: np.ndarray = field(repr=False)
     compressed_heatmaps: np.ndarray = field(repr=False)
+    task: str = "classification"
+    class_selection: str = "true"
 
     @property
     def mean_correlation(self) -> float:
@@ -32,7 +35,8 @@ class FidelityResult:
         return float(np.nanmedian(self.correlations))
 
     def summary(self) -> dict:
-        return {"rule": self.rule, "samples": self.samples, "mean_correlation": self.mean_correlation,
+        return {"rule": self.rule, "samples": self.samples, "task": self.task,
+                "class_selection": self.class_selection, "mean_correlation": self.mean_correlation,
                 "median_correlation": self.median_correlation,
                 "note": "The compressed model is analysed as float weights after pruning and weight "
                         "quantisation (activation quantisation is not modelled)."}
@@ -68,12 +72,18 @@ def dequantized_copy(model, plan) -> "object":
 
 
 def explanation_fidelity(original, compressed, x: np.ndarray, y: np.ndarray, rule: str = "lrp.epsilon",
-                         quiet: bool = True) -> FidelityResult:
+                         quiet: bool = True, task: str = "classification") -> FidelityResult:
     from toolchain.relevance import compute_relevance
 
-    a = compute_relevance(original, x, y, rule=rule, heatmaps=len(x), quiet=quiet)
-    b = compute_relevance(compressed, x, y, rule=rule, heatmaps=len(x), quiet=quiet)
-    return FidelityResult(rule, len(x), pearson_rows(a.heatmaps, b.heatmaps), a.heatmaps, b.heatmaps)
+    a = compute_relevance(original, x, y, rule=rule, heatmaps=len(x), quiet=quiet, task=task)
+    b = compute_relevance(compressed, x, y, rule=rule, heatmaps=len(x), quiet=quiet, task=task)
+    return FidelityResult(rule, len(x), pearson_rows(a.heatmaps, b.heatmaps), a.heatmaps, b.heatmaps,
+                          task, a.class_selection)
+
+
+def _image(a: np.ndarray, reduce) -> np.ndarray:
+    """A 2-D picture of one sample or heatmap: channels of (H, W, C) reduced, (F,) as one row."""
+    return np.atleast_2d(reduce(a, axis=-1) if a.ndim == 3 else a)
 
 
 def plot_fidelity(result: FidelityResult, x: np.ndarray, path: str | Path, count: int = 6,
@@ -86,14 +96,14 @@ def plot_fidelity(result: FidelityResult, x: np.ndarray, path: str | Path, count
     n = min(count, result.samples)
     fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 5.4), squeeze=False)
     for i in range(n):
-        img = x[i].mean(axis=-1)
-        h0 = result.original_heatmaps[i].sum(axis=-1)
-        h1 = result.compressed_heatmaps[i].sum(axis=-1)
+        img = _image(x[i], np.mean)
+        h0 = _image(result.original_heatmaps[i], np.sum)
+        h1 = _image(result.compressed_heatmaps[i], np.sum)
         lim = max(float(np.abs(h0).max()), float(np.abs(h1).max()), 1e-12)
         axes[0, i].imshow(img, cmap="gray", aspect="auto")
         axes[1, i].imshow(h0, cmap="bwr", vmin=-lim, vmax=lim, aspect="auto")
         axes[2, i].imshow(h1, cmap="bwr", vmin=-lim, vmax=lim, aspect="auto")
-        label = class_names[int(y[i])] if (class_names is not None and y is not None) else ""
+        label = class_names[int(y[i])] if (class_names and y is not None and result.task == "classification") else ""
         axes[0, i].set_title(f"{label} r={result.correlations[i]:.2f}", fontsize=8)
         for ax in axes[:, i]:
             ax.set_xticks([])
