@@ -96,3 +96,27 @@ def test_relative_mse_increase_has_a_floor_on_the_targets_scale():
     assert mse_floor_for(y) == pytest.approx(2.5e-3)
     c = metric_change("regression", {"mse": 0.0}, {"mse": 1e-6}, mse_floor_for(y))
     assert c.drop == pytest.approx(4e-4)  # rounding of a perfect fit is not an infinite increase
+
+
+def test_load_inputs_resolves_the_task_from_real_files(tmp_path):
+    """An npz without labels (an autoencoder's data) and a saved dense autoencoder load through
+    ``load_inputs``: the task is autoencoder, the output width is checked against the targets, and
+    a classification override of label-less data is refused."""
+    import tensorflow as tf
+
+    from toolchain.errors import DataError
+    from toolchain.pipeline import load_inputs
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 8)).astype(np.float32)
+    np.savez(tmp_path / "ae.npz", x=x, x_eval=x[:10], anomaly_eval=np.array([0, 1] * 5, np.int64))
+    inp = tf.keras.Input((8,))
+    tf.keras.Model(inp, tf.keras.layers.Dense(8)(inp)).save(tmp_path / "ae.keras")
+    tf.keras.Model(inp, tf.keras.layers.Dense(5)(inp)).save(tmp_path / "narrow.keras")
+    model, ds = load_inputs(str(tmp_path / "ae.keras"), f"npz:{tmp_path / 'ae.npz'}")
+    assert ds.task == "autoencoder" and ds.anomaly_eval is not None
+    with pytest.raises(DataError, match=r"targets have shape \(8,\) but the model outputs \(5,\)"):
+        load_inputs(str(tmp_path / "narrow.keras"), f"npz:{tmp_path / 'ae.npz'}")
+    # the loader or resolve_task refuses a classification override of label-less data
+    with pytest.raises((ConfigError, DataError)):
+        load_inputs(str(tmp_path / "ae.keras"), f"npz:{tmp_path / 'ae.npz'}", task="classification")
