@@ -72,13 +72,13 @@ def dequantized_copy(model, plan) -> "object":
 
 
 def explanation_fidelity(original, compressed, x: np.ndarray, y: np.ndarray, rule: str = "lrp.epsilon",
-                         quiet: bool = True, task: str = "classification") -> FidelityResult:
+                         quiet: bool = True, task: Optional[str] = None) -> FidelityResult:
     from toolchain.relevance import compute_relevance
 
     a = compute_relevance(original, x, y, rule=rule, heatmaps=len(x), quiet=quiet, task=task)
     b = compute_relevance(compressed, x, y, rule=rule, heatmaps=len(x), quiet=quiet, task=task)
     return FidelityResult(rule, len(x), pearson_rows(a.heatmaps, b.heatmaps), a.heatmaps, b.heatmaps,
-                          task, a.class_selection)
+                          a.task, a.class_selection)
 
 
 def _image(a: np.ndarray, reduce) -> np.ndarray:

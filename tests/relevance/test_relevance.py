@@ -213,4 +213,7 @@ def test_non_classification_selection_errors():
     with pytest.raises(ConfigError, match="'predicted' needs classes"):
         compute_relevance(model, x, x, class_selection="predicted", task="regression")
     with pytest.raises(DataError, match="float targets, not class labels"):
-        compute_relevance(model, x, x, use_cache=False)
+        compute_relevance(model, x, x, use_cache=False, task="classification")
+    # without a task, float targets shaped like the inputs are an autoencoder's (as prune passes them)
+    inferred = compute_relevance(model, x, x, use_cache=False, quiet=True)
+    assert inferred.task == "autoencoder" and inferred.class_selection == "all_outputs"

@@ -214,14 +214,15 @@ def _neurons_to_explain(canonical_model, x: np.ndarray, y: Optional[np.ndarray],
 def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule: str = DEFAULT_RULE,
                       class_selection: str = "true", batch_size: int = 64, heatmaps: int = 8,
                       use_cache: bool = True, quiet: bool = False, profile: bool = False,
-                      task: str = "classification") -> RelevanceMap:
+                      task: Optional[str] = None) -> RelevanceMap:
     """Per-weight LRP relevance of every Conv2D / DepthwiseConv2D / Dense kernel of ``model``.
 
     ``x`` are the calibration samples (all of them are used: slice before calling), ``y`` their
     labels. ``class_selection`` picks the output neuron explained per sample: the true class
     (default), the predicted class, or all classes at once (the sum of all logits' explanations).
     For ``task`` regression/autoencoder it is ``all_outputs`` (see the module docstring and
-    ``resolve_class_selection``); ``y`` is then not used.
+    ``resolve_class_selection``); ``y`` is then not used. ``task=None`` reads it off ``y``: float
+    targets are a regressor's (an autoencoder's when shaped like ``x``), anything else classes.
     ``profile=True`` (never cached) also times steady-state batches in the worker: LRP to the input,
     LRP plus per-weight relevance, and a plain input gradient, reported in ``timings``.
     """
@@ -229,6 +230,9 @@ def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule
     from toolchain.model_io import model_hash
 
     ruleset: RuleSet = RULES.get(rule)
+    if task is None:
+        floats = y is not None and np.asarray(y).dtype.kind == "f"
+        task = ("autoencoder" if np.shape(y) == np.shape(x) else "regression") if floats else "classification"
     class_selection = resolve_class_selection(task, class_selection)
     if batch_size <= 0:
         raise ConfigError(f"batch size {batch_size} must be a positive integer")
