@@ -2,7 +2,7 @@
 import argparse
 import json
 
-from toolchain.cli import add_common, positive_int
+from toolchain.cli import add_common, finite_seconds, positive_int
 
 
 def _int_list(text: str):
@@ -50,7 +50,7 @@ def add_parser(sub):
                    help="runtime threads, comma-separated (default 1), e.g. 1,2")
     p.add_argument("--xnnpack", type=_on_off_list,
                    help="TFLite only: XNNPACK delegate on, off or on,off (default on)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_RUN_TIMEOUT_S,
+    p.add_argument("--timeout", type=finite_seconds, default=DEFAULT_RUN_TIMEOUT_S,
                    help=f"seconds one configuration may take (default {DEFAULT_RUN_TIMEOUT_S:g})")
     p.add_argument("--ssh-config", help="ssh config file for ssh:// targets (ssh -F; default "
                                         "~/.ssh/config)")

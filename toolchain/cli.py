@@ -12,6 +12,12 @@ import os
 import sys
 from typing import List, Optional
 
+from toolchain.recipe import TASK_CHOICES  # --task takes the recipe's ``task`` values
+#: an unexpected error's message is cut to this many characters on its one line
+MAX_MESSAGE_CHARS = 300
+#: our own errors list every problem at once; only a pathological value makes them longer
+MAX_ERROR_CHARS = 4000
+
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS = (
     "toolchain.commands.relevance",
@@ -49,6 +55,19 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def finite_seconds(text: str) -> float:
+    """A timeout: a finite number of seconds > 0 (``nan``, ``inf`` and negatives are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} must be a finite number of seconds > 0, e.g. 120")
+    return value
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -58,10 +77,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def add_model_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Keras model: .keras, .h5 or a SavedModel directory")
     p.add_argument("--data", required=True,
-                   help="dataset spec: digits, kws01[:PATH], mnist, fashion_mnist, cifar10, npz:PATH")
+                   help="dataset spec: digits, kws01[:PATH], mnist, fashion_mnist, cifar10, images:DIR[?scale=1|255|-1&train_per_class=N&eval_per_class=N], npz:PATH")
     p.add_argument("--data-dir", help="where cached Keras datasets live (default: the Keras cache)")
     p.add_argument("--trust-model", action="store_true",
                    help="allow Lambda layers and custom objects (loading them can execute code)")
+    p.add_argument("--task", choices=TASK_CHOICES, default=None,
+                   help="what the model does (default: the recipe's task, else auto: inferred from "
+                        "the model and data)")
 
 
 def _modules():
@@ -103,15 +125,53 @@ def main(argv: Optional[List[str]] = None) -> int:
     from toolchain.errors import ToolchainError
 
     try:
+        _check_paths(args)
         return args._run(args)
     except ToolchainError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e, MAX_ERROR_CHARS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; the output directory was left as it was", file=sys.stderr)
         return 130
+    except RecursionError:
+        if args.debug:
+            raise
+        print("error: an input file is nested too deeply to read (hostile or corrupt JSON/YAML "
+              "config?); check the model, recipe, bit plan and thresholds files", file=sys.stderr)
+        return 2
+    except OSError as e:  # ENOSPC, EACCES, EBUSY, ENOENT on the user's paths
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or _one_line(e)}{where}; free space or fix the permissions of the "
+              "paths given, then rerun", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - anything else is our bug; say so in one line
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(e).__name__} ({_one_line(e)}): this is a bug in the toolchain; "
+              "re-run with --debug for details and report it", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException, limit: int = MAX_MESSAGE_CHARS) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_paths(args) -> None:
+    """Before any work: input paths must be files or directories (a FIFO would hang the loader),
+    and ``--out`` must not replace an input, ``/``, the working directory or a system directory."""
+    from toolchain.outdir import check_artifact_name, check_output_dir
+    from toolchain.paths import check_command_inputs
+
+    inputs = check_command_inputs(args)
+    check_artifact_name(getattr(args, "name", None))
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and args.command != "train":  # train's --out is a model file
+        check_output_dir(out, inputs=inputs)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ with comments.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -17,6 +18,7 @@ from toolchain.errors import ConfigError
 # The default recipe is the one tuned on the MLPerf Tiny DS-CNN (see README "Results"); every
 # value is explained in EXAMPLE below.
 DEFAULT_RECIPE: Dict[str, Any] = {
+    "task": "auto",
     "relevance": {"rule": "lrp.epsilon", "samples": 500, "classes": "true"},
     "prune": {"enabled": True, "criterion": "relevance", "granularity": "filter", "mode": "sparsity",
               "sparsity": 0.5, "auto_sparsities": [0.5, 0.4, 0.3, 0.2, 0.1], "auto_max_drop": 0.01,
@@ -24,12 +26,15 @@ DEFAULT_RECIPE: Dict[str, Any] = {
     "quantize": {"enabled": True, "allocator": "uniform", "bits": [8], "budget": "avg-bits=8",
                  "granularity": "layer", "group_size": 8, "qat_epochs": 0, "float_layers": ["first"]},
     "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed", "onnx-fp32", "onnx-int8", "mcu"]},
-    "verify": {"min_agreement": 0.9, "max_accuracy_drop": 0.05},
+    "verify": {"min_agreement": 0.9, "max_accuracy_drop": 0.05, "max_mse_increase": 0.25, "max_auc_drop": 0.02},
     "bench": {"enabled": True, "target": "local", "runs": 200, "threads": [1]},
 }
 
 EXAMPLE = """\
 # toolchain compress recipe. Every key is optional; omitted keys take these defaults.
+# what the model does: auto (from the model and data: integer labels -> classification, float
+# targets -> regression, targets = inputs -> autoencoder) | classification | regression | autoencoder
+task: auto
 relevance:
   rule: lrp.epsilon        # LRP rule set: `toolchain list rules`
   samples: 500             # first N calibration samples to explain
@@ -72,14 +77,28 @@ export:
   # also: tflite-fp16, tflite-int16x8, tflite-sparse, onnx-mixed, ...
   formats: [tflite-fp32, tflite-int8, tflite-mixed, onnx-fp32, onnx-int8, mcu]
 verify:
-  min_agreement: 0.9       # top-1 agreement of each artifact with its Keras model
-  max_accuracy_drop: 0.05  # accuracy of each artifact vs the uncompressed model
+  # every compressed artifact against the ORIGINAL model: more loss fails the run (nothing written)
+  min_agreement: 0.9       # classifiers: top-1 agreement of each int8/mixed artifact with its Keras model
+  max_accuracy_drop: 0.05  # classifiers: accuracy of each artifact vs the original (0.05 = 5 points)
+  max_mse_increase: 0.25   # regressors/autoencoders: relative MSE increase vs the original (0.25 = 25% worse)
+  max_auc_drop: 0.02       # autoencoders with anomaly labels: ROC AUC loss vs the original
 bench:
   enabled: true
   target: local            # local | ssh://[user@]host[:port] | emulated-pi4 | emulated-pi5
   runs: 200
   threads: [1]
 """
+
+
+#: bounds that keep a typo from running for days (or a hostile recipe from exhausting the machine)
+MAX_DISTILL_STEPS = 10_000_000
+MAX_EPOCHS = 10_000
+MAX_RUNS = 100_000
+MAX_THREADS = 1024
+MAX_SAMPLES = 10_000_000
+MAX_GROUP_SIZE = 65_536
+#: a recipe is a few kilobytes; anything far larger is not one
+MAX_RECIPE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,13 @@ def _int_range(lo, hi=None):
                  f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
 
 
+def _number(lo, hi, lo_open=False, hi_open=False):
+    """A finite number in [lo, hi] (``(`` / ``)`` where open): NaN and inf are refused."""
+    def ok(v):
+        return (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+    return Check((int, float), ok, f"a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+
+
 def _list_of(kind, valid, allowed):
     return Check(list, lambda v: len(v) > 0 and all(isinstance(i, kind) and not isinstance(i, bool) and valid(i)
                                                       for i in v), allowed)
@@ -106,33 +132,38 @@ def _list_of(kind, valid, allowed):
 def _budget_ok(v: str) -> bool:
     key, _, value = v.partition("=")
     try:
-        return key in ("avg-bits", "size-kb", "total-bits") and float(value) > 0
+        return key in ("avg-bits", "size-kb", "total-bits") and math.isfinite(float(value)) and float(value) > 0
     except ValueError:
         return False
 
 
 SCHEMA: Dict[str, Dict[str, Check]] = {
-    "relevance": {"rule": Check(str), "samples": _int_range(1), "classes": _choice("true", "predicted", "all")},
+    "relevance": {"rule": Check(str), "samples": _int_range(1, MAX_SAMPLES),
+                  "classes": _choice("true", "predicted", "all")},
     "prune": {"enabled": Check(bool), "criterion": _choice("relevance", "magnitude", "random"),
               "granularity": _choice("weight", "filter"), "mode": _choice("auto", "sparsity", "nonpositive"),
-              "auto_sparsities": _list_of((int, float), lambda v: 0 < v < 1, "a non-empty list of numbers in (0, 1)"),
-              "auto_max_drop": Check((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-              "sparsity": Check((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
-              "channel_multiple": _int_range(1, 256), "fine_tune_epochs": _int_range(0),
-              "distill_steps": _int_range(0),
-              "distill_temperature": Check((int, float), lambda v: 0 < v <= 100, "a number in (0, 100]")},
+              "auto_sparsities": _list_of((int, float), lambda v: math.isfinite(v) and 0 < v < 1,
+                                          "a non-empty list of numbers in (0, 1)"),
+              "auto_max_drop": _number(0, 1),
+              "sparsity": _number(0, 1, hi_open=True),
+              "channel_multiple": _int_range(1, 256), "fine_tune_epochs": _int_range(0, MAX_EPOCHS),
+              "distill_steps": _int_range(0, MAX_DISTILL_STEPS),
+              "distill_temperature": _number(0, 100, lo_open=True)},
     "quantize": {"enabled": Check(bool), "allocator": _choice("relevance", "uniform", "sensitivity"),
                  "bits": _list_of(int, lambda b: b in (2, 3, 4, 5, 6, 7, 8, 16), "a non-empty list of widths from 2..8, 16"),
-                 "budget": Check(str, _budget_ok, "avg-bits=B, size-kb=K or total-bits=N with a positive number"),
-                 "granularity": _choice("layer", "group"), "group_size": _int_range(1),
-                 "qat_epochs": _int_range(0),
+                 "budget": Check(str, _budget_ok, "avg-bits=B, size-kb=K or total-bits=N with a positive finite number"),
+                 "granularity": _choice("layer", "group"), "group_size": _int_range(1, MAX_GROUP_SIZE),
+                 "qat_epochs": _int_range(0, MAX_EPOCHS),
                  "float_layers": Check(list, lambda v: all(isinstance(i, str) and i for i in v),
                                        'a list of kernel layer names or "first" ([] for none)')},
     "export": {"formats": _list_of(str, lambda f: True, "a non-empty list of format names")},
-    "verify": {"min_agreement": Check((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-               "max_accuracy_drop": Check((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")},
-    "bench": {"enabled": Check(bool), "target": Check(str), "runs": _int_range(1),
-              "threads": _list_of(int, lambda t: t >= 1, "a non-empty list of thread counts >= 1")},
+    "verify": {"min_agreement": _number(0, 1),
+               "max_accuracy_drop": _number(0, 1),
+               "max_mse_increase": _number(0, 1000),
+               "max_auc_drop": _number(0, 1)},
+    "bench": {"enabled": Check(bool), "target": Check(str), "runs": _int_range(1, MAX_RUNS),
+              "threads": _list_of(int, lambda t: 1 <= t <= MAX_THREADS,
+                                  f"a non-empty list of thread counts in [1, {MAX_THREADS}]")},
 }
 
 
@@ -146,8 +177,14 @@ def validate(recipe: Any, source: str = "recipe") -> Dict[str, Any]:
                           "see `toolchain recipe --example`")
     merged = copy.deepcopy(DEFAULT_RECIPE)
     for stage, settings in recipe.items():
+        if stage == "task":  # the one top-level scalar
+            if settings not in TASK_CHOICES:
+                problems.append(f"task: {_short(settings)} is not one of {', '.join(TASK_CHOICES)}")
+            else:
+                merged["task"] = settings
+            continue
         if stage not in SCHEMA:
-            problems.append(f"{stage}: unknown stage (known: {', '.join(SCHEMA)})")
+            problems.append(f"{stage if isinstance(stage, str) and len(stage) <= 40 else _short(stage, 40)}: unknown stage (known: task, {', '.join(SCHEMA)})")
             continue
         if settings is None:
             continue
@@ -156,7 +193,18 @@ def validate(recipe: Any, source: str = "recipe") -> Dict[str, Any]:
             continue
         for key, value in settings.items():
             check = SCHEMA[stage].get(key)
-            path = f"{stage}.{key}"
+            path = f"{stage}.{_short(key, 40) if not isinstance(key, str) or len(key) > 40 else key}"
+            if stage == "verify" and check is None and isinstance(value, dict):
+                # verify.<kind or format>: any threshold of that kind (verify.fp32.max_rel_diff: 1e-3)
+                from toolchain.verify import thresholds_from_dict
+
+                try:
+                    thresholds_from_dict({key: value})
+                except ConfigError as e:
+                    problems.append(f"{path}: {e}")
+                else:
+                    merged["verify"][key] = dict(value)
+                continue
             if check is None:
                 problems.append(f"{path}: unknown key (known: {', '.join(SCHEMA[stage])})")
                 continue
@@ -167,10 +215,10 @@ def validate(recipe: Any, source: str = "recipe") -> Dict[str, Any]:
                 ok_type = isinstance(value, kinds)
             if not ok_type:
                 want = "/".join(k.__name__ for k in kinds)
-                problems.append(f"{path}: {value!r} is a {type(value).__name__}, expected {want}"
+                problems.append(f"{path}: {_short(value)} is a {type(value).__name__}, expected {want}"
                                 + (f" ({check.allowed})" if check.allowed else ""))
             elif check.valid is not None and not check.valid(value):
-                problems.append(f"{path}: {value!r} is not {check.allowed}")
+                problems.append(f"{path}: {_short(value)} is not {check.allowed}")
             else:
                 merged[stage][key] = value
     problems.extend(_cross_checks(merged))
@@ -184,18 +232,27 @@ def validate(recipe: Any, source: str = "recipe") -> Dict[str, Any]:
     return merged
 
 
+#: values of the top-level ``task`` key (``auto``: inferred from the model and data)
+TASK_CHOICES = ("auto", "classification", "regression", "autoencoder")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _cross_checks(recipe: Dict[str, Any]) -> List[str]:
     out = []
     try:
         from toolchain.relevance import RULES
 
         if recipe["relevance"]["rule"] not in RULES:
-            out.append(f"relevance.rule: {recipe['relevance']['rule']!r} is not one of {', '.join(RULES)}")
+            out.append(f"relevance.rule: {_short(recipe['relevance']['rule'])} is not one of {', '.join(RULES)}")
     except ImportError:  # pragma: no cover - the relevance package is part of the toolchain
         pass
     target = recipe["bench"]["target"]
     if not (target in ("local", "emulated-pi4", "emulated-pi5") or target.startswith("ssh://")):
-        out.append(f"bench.target: {target!r} is not local, ssh://[user@]host[:port], emulated-pi4 or emulated-pi5")
+        out.append(f"bench.target: {_short(target)} is not local, ssh://[user@]host[:port], emulated-pi4 or emulated-pi5")
     return out
 
 
@@ -208,8 +265,41 @@ def load_recipe(path: Optional[str]) -> Dict[str, Any]:
         raise ConfigError(f"recipe {p} does not exist; pass a YAML file (`toolchain recipe --example > recipe.yaml`)")
     import yaml
 
+    if p.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {p} is {p.stat().st_size} bytes, more than a recipe's "
+                          f"{MAX_RECIPE_BYTES} limit; pass the YAML recipe file itself")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {p} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
+    try:
+        data = yaml.load(text, Loader=_make_loader())  # noqa: S506 - a SafeLoader without aliases
+    except _AliasRefused as e:
+        raise ConfigError(f"recipe {p} uses a YAML anchor or alias ({e}); recipes must spell values "
+                          "out, write the value where it is used") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"recipe {p} is nested too deeply to be a recipe; see `toolchain recipe --example`") from None
     return validate(data, f"recipe {p}")
+
+
+class _AliasRefused(Exception):
+    pass
+
+
+def _make_loader():
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that refuses anchors and aliases: a 700-byte "billion laughs" recipe
+        expands to gigabytes, and no recipe needs them."""
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                mark = event.start_mark
+                raise _AliasRefused(f"line {mark.line + 1}, column {mark.column + 1}")
+            return super().compose_node(parent, index)
+
+    return RecipeLoader

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -43,12 +44,25 @@ def load_thresholds(path: Optional[str]):
         raise ConfigError(f"thresholds file {p} does not exist; pass a JSON file such as "
                           '{"int8": {"min_agreement": 0.95}}')
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"thresholds file {p} is not valid JSON ({e}); fix it") from None
+        data = json.loads(p.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"thresholds file {p} is not valid JSON ({str(e)[:120]}); fix it") from None
+    except RecursionError:
+        raise ConfigError(f"thresholds file {p} is nested too deeply to be a thresholds file; pass "
+                          '{"int8": {"min_agreement": 0.95}}') from None
     if not isinstance(data, dict):
         raise ConfigError(f"thresholds file {p} must hold a JSON object keyed by kind or format")
+    bad = [f"{kind}.{field}: {str(v)[:40]!r}" for kind, fields in data.items() if isinstance(fields, dict)
+           for field, v in fields.items()
+           if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v))]
+    if bad:
+        raise ConfigError(f"thresholds file {p}: {', '.join(bad[:5])} must be finite numbers (or null); "
+                          "fix these values")
     return thresholds_from_dict(data)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a threshold")
 
 
 def run_export(model_path: str, data_spec: str, formats: str, out: str, bitplan_path: Optional[str] = None,
@@ -58,12 +72,13 @@ def run_export(model_path: str, data_spec: str, formats: str, out: str, bitplan_
                trust_model: bool = False, quiet: bool = False, data_dir: Optional[str] = None):
     """Everything cheap is checked before the model is loaded: formats, output dir, plan, thresholds."""
     from toolchain.export import export, parse_formats
-    from toolchain.outdir import check_output_dir
+    from toolchain.outdir import check_artifact_name, check_output_dir
     from toolchain.pipeline import load_inputs
     from toolchain.quantize.bitplan import BitPlan
 
     fmts = parse_formats(formats)
-    check_output_dir(out)
+    check_output_dir(out, inputs=[model_path, bitplan_path, thresholds_path])
+    check_artifact_name(name)
     plan = BitPlan.load(bitplan_path) if bitplan_path else None
     thresholds = load_thresholds(thresholds_path)
     model, dataset = load_inputs(model_path, data_spec, None, trust_model, data_dir)

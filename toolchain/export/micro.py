@@ -35,6 +35,8 @@ TFLM_REQUIREMENT = "tflite-micro==0.dev20261023182759"
 MIN_AGREEMENT = 0.95
 DEFAULT_SAMPLES = 200
 _ARENA_STEP = 16
+#: the arena search of a microcontroller-sized model takes seconds; a stuck one is stopped
+MICRO_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,51 @@ def _runs(runtime, data: bytes, arena: int, x_q: np.ndarray) -> bool:
         return False
 
 
-def min_arena(data: bytes, x_q: np.ndarray, upper: Optional[int] = None) -> int:
-    """Smallest arena (a multiple of 16 bytes) with which tflite-micro allocates and invokes."""
+def min_arena(data: bytes, x_q: np.ndarray, upper: Optional[int] = None, name: str = "the MCU bundle's model") -> int:
+    """Smallest arena (a multiple of 16 bytes) with which tflite-micro allocates and invokes.
+
+    tflite-micro can crash natively (SIGSEGV) on a too-small arena for some models, so the search
+    runs in a child process; a crash there becomes a ``ConversionError`` naming ``name`` and the signal."""
+    import json
+    import signal
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    _runtime()  # a missing package is a ConfigError here, not a child's traceback
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    code = ("import sys, json, numpy as np; sys.path.insert(0, sys.argv[1]); "
+            "from toolchain.export.micro import _min_arena_here; d = sys.argv[2]; "
+            "u = json.load(open(d + '/upper.json')); "
+            "print(json.dumps(_min_arena_here(open(d + '/model.tflite', 'rb').read(), np.load(d + '/x.npy'), u)))")
+    with tempfile.TemporaryDirectory(prefix="toolchain-micro-") as job:
+        Path(job, "model.tflite").write_bytes(data)
+        np.save(os.path.join(job, "x.npy"), x_q)
+        Path(job, "upper.json").write_text(json.dumps(upper))
+        try:
+            proc = subprocess.run([sys.executable, "-I", "-c", code, pkg_root, job], cwd=job,
+                                  capture_output=True, text=True, timeout=MICRO_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ConversionError(f"tflite-micro did not finish the arena search for {name} within "
+                                  f"{MICRO_TIMEOUT_S:g} s; the model is too large for a microcontroller") from None
+    if proc.returncode < 0:
+        try:
+            sig = signal.Signals(-proc.returncode).name
+        except ValueError:
+            sig = f"signal {-proc.returncode}"
+        raise ConversionError(f"tflite-micro crashed ({sig}) while allocating {name}; the model uses an operator "
+                              "or shape tflite-micro cannot run: drop mcu from the formats")
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        if "ConversionError" in tail:
+            raise ConversionError(tail.split("ConversionError: ", 1)[-1])
+        raise ConversionError(f"tflite-micro failed while allocating {name} ({tail[:200]}); drop mcu from the formats")
+    return int(json.loads(lines[-1]))
+
+
+def _min_arena_here(data: bytes, x_q: np.ndarray, upper: Optional[int] = None) -> int:
+    """The arena bisection itself (runs in :func:`min_arena`'s child process)."""
     runtime = _runtime()
     hi = int(upper or len(data) * 10)
     with _quiet_native():

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional
@@ -264,10 +265,11 @@ def compute_relevance(model, x: np.ndarray, y: Optional[np.ndarray] = None, rule
     if use_cache and (cached_dir / "relevance.json").is_file():
         try:
             return _replace_cached(load_relevance(cached_dir))
-        except ConfigError:
-            shutil.rmtree(cached_dir, ignore_errors=True)  # a broken cache entry is recomputed
+        except (ConfigError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            shutil.rmtree(cached_dir, ignore_errors=True)  # a broken (truncated) cache entry is recomputed
 
-    with tempfile.TemporaryDirectory(prefix="toolchain-lrp-") as job_dir:
+    _clean_stale_jobs()
+    with tempfile.TemporaryDirectory(prefix=f"{_JOB_PREFIX}{os.getpid()}-") as job_dir:
         # HDF5, not .keras: under graph mode a .keras file loads with its initial (random) weights
         model_path = os.path.join(job_dir, "canonical.h5")
         with warnings.catch_warnings():
@@ -328,16 +330,56 @@ def _replace_cached(rmap: RelevanceMap) -> RelevanceMap:
     return replace(rmap, cached=True)
 
 
+#: job folders (a copy of the model and the calibration data) are named by the creating pid, so a
+#: run whose parent was killed leaves a folder the next run recognises and removes
+_JOB_PREFIX = "toolchain-lrp-"
+#: runs the worker isolated: ``-I`` keeps the working directory and PYTHON* variables off its
+#: import path (a ``timeit.py`` in the cwd broke ``python -m``), the package root is added explicitly
+_WORKER_BOOT = ("import sys, runpy; sys.path.insert(0, sys.argv.pop(1)); "
+                "runpy.run_module('toolchain.relevance._worker', run_name='__main__', alter_sys=True)")
+
+
+def _clean_stale_jobs() -> None:
+    import re
+
+    pattern = re.compile(re.escape(_JOB_PREFIX) + r"(\d+)-")
+    for p in Path(tempfile.gettempdir()).glob(_JOB_PREFIX + "*"):
+        m = pattern.match(p.name)
+        if m is None or int(m.group(1)) == os.getpid() or not p.is_dir() or p.is_symlink():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # alive, someone else's
+            pass
+
+
+def _die_with_parent(parent_pid: int):
+    """``preexec_fn``: the kernel SIGKILLs the worker when the toolchain process dies (Linux)."""
+    def preexec():
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: the worker still ends with its job
+            return
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
 def _run_worker(job_dir: str, quiet: bool) -> Mapping[str, np.ndarray]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     # the child must import this very package, wherever it was imported from
     pkg_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log_path = os.path.join(job_dir, "worker.log")
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "toolchain.relevance._worker", job_dir],
-                              stdout=log, stderr=None if not quiet else log, env=env,
-                              timeout=WORKER_TIMEOUT_S)
+        proc = subprocess.run([sys.executable, "-I", "-c", _WORKER_BOOT, pkg_root, job_dir],
+                              stdout=log, stderr=None if not quiet else log, env=env, cwd=job_dir,
+                              preexec_fn=_die_with_parent(os.getpid()), timeout=WORKER_TIMEOUT_S)
     err = os.path.join(job_dir, "error.txt")
     if proc.returncode != 0 or not os.path.exists(os.path.join(job_dir, "result.npz")):
         detail = Path(err).read_text().strip().splitlines()[-1] if os.path.exists(err) else \
