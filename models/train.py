@@ -102,6 +102,12 @@ def train_model(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size {batch_size!r} is not a positive integer; pass e.g. 64")
 
+    if not getattr(dataset, "is_classification", True):
+        raise ConfigError(
+            f"dataset {getattr(dataset, 'name', '?')!r} holds {dataset.task} targets, but train_model "
+            "trains classifiers only; train the regressor/autoencoder in Keras and pass the saved model"
+        )
+
     if isinstance(arch_or_model, str):
         model = build_model(arch_or_model, tuple(dataset.input_shape), int(dataset.num_classes),
                             seed=seed)

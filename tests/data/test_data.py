@@ -969,3 +969,40 @@ def test_fashion_mnist_from_the_debian_package(monkeypatch, tmp_path):
     assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_eval.shape == (10000, 28, 28, 1)
     assert set(np.unique(ds.y_train)) == set(range(10)) and np.bincount(ds.y_eval).tolist() == [1000] * 10
     assert "/usr/share/datasets/fashion-mnist" in ds.provenance and ds.class_names[-1] == "Ankle boot"
+
+
+def test_fit_to_model_flattens_samples_for_a_feature_vector_model(tmp_path):
+    from toolchain.data import fit_to_model
+
+    ds = load_dataset(_save(tmp_path, x=np.random.rand(4, 8, 8), y=[0, 1, 0, 1]))
+    flat = fit_to_model(ds, (64,))
+    assert flat.input_shape == (64,) and flat.x_train.shape == (4, 64) and "flattened" in flat.provenance
+    np.testing.assert_array_equal(flat.x_train, ds.x_train.reshape(4, 64))  # row-major, as Flatten
+    assert fit_to_model(ds, (63,)) is ds  # a size mismatch is check_compatible's to report
+    with pytest.raises(DataError, match=r"samples have shape \(8, 8, 1\) but the model expects \(63,\) \(loading adapts"):
+        check_compatible(fit_to_model(ds, (63,)), (63,), 2)
+
+
+KERAS3_FIXTURES = Path(__file__).resolve().parent / "keras3"
+
+
+@pytest.mark.parametrize("family", ["mlp", "conv1d"])
+def test_digits_fit_models_on_feature_vectors_and_rows(family):
+    """Models Keras 3 trained on the toolchain's digits split, as (64,) vectors (MLP) and as 8 rows
+    of 8 (Conv1D), get the ``digits`` spec reshaped by ``load_inputs`` and score what Keras 3
+    recorded on that split."""
+    from toolchain.pipeline import load_inputs
+
+    model, ds = load_inputs(str(KERAS3_FIXTURES / f"{family}.keras"), "digits")
+    assert ds.input_shape == tuple(model.input_shape[1:])
+    accuracy = float(np.mean(model.predict(ds.x_eval, verbose=0).argmax(1) == ds.y_eval))
+    recorded = float(np.load(KERAS3_FIXTURES / f"{family}_io.npz")["eval_metric"])
+    assert abs(accuracy - recorded) <= 1 / len(ds.y_eval), (accuracy, recorded)
+
+
+def test_train_model_refuses_targets_it_cannot_train_on(tmp_path):
+    from models.train import train_model
+
+    ds = load_dataset(_save(tmp_path, x=np.random.rand(4, 6)))  # no y: an autoencoder's data
+    with pytest.raises(ConfigError, match="holds autoencoder targets, but train_model trains classifiers"):
+        train_model("mlp", ds, epochs=1, out_path=tmp_path / "m.keras")

@@ -285,8 +285,10 @@ def fit_to_model(dataset: Dataset, input_shape: Sequence) -> Dataset:
     """``dataset`` with its samples shaped as the model takes them (``input_shape``: one sample's
     shape, no batch axis), when they differ only by a
     trailing channel axis of 1: (N, H, W) images for a model on (H, W, 1) gain it, and (N, T, C, 1)
-    (a rank-3 array read as grayscale images) for a model on (T, C) sequences loses it. Anything
-    else is left for ``check_compatible`` to report."""
+    (a rank-3 array read as grayscale images) for a model on (T, C) sequences loses it; or when the
+    model takes flat feature vectors (F,) and a sample holds exactly F values: (N, 8, 8, 1) digits
+    for an MLP on (64,) are flattened row-major, as Keras' ``Flatten`` would. Anything else is left
+    for ``check_compatible`` to report."""
     import dataclasses
 
     model_shape, sample = tuple(input_shape), tuple(dataset.input_shape)
@@ -296,6 +298,10 @@ def fit_to_model(dataset: Dataset, input_shape: Sequence) -> Dataset:
     elif len(sample) == len(model_shape) + 1 and sample[-1] == 1 and _same(model_shape, sample[:-1]):
         fix = lambda a: None if a is None else a[..., 0]  # noqa: E731
         what = "the trailing channel axis of 1 dropped"
+    elif (len(model_shape) == 1 and len(sample) > 1 and model_shape[0] is not None
+          and int(np.prod(sample)) == model_shape[0]):
+        fix = lambda a: None if a is None else a.reshape(len(a), -1)  # noqa: E731
+        what = f"{sample} flattened to ({model_shape[0]},)"
     else:
         return dataset
     autoencoder = dataset.task == "autoencoder"
@@ -343,7 +349,8 @@ def check_compatible(dataset: Dataset, input_shape: Sequence, num_classes: int) 
     )
     if not shapes_match:
         problems.append(
-            f"samples have shape {sample_shape} but the model expects {model_shape}"
+            f"samples have shape {sample_shape} but the model expects {model_shape} (loading adapts "
+            "only a trailing channel axis of 1 and flattening to (F,) feature vectors)"
         )
     if not dataset.is_classification:  # float targets: the model's output width must match theirs
         width = dataset.target_shape[-1] if dataset.target_shape else 1

@@ -1,4 +1,9 @@
-"""scikit-learn's bundled 8x8 handwritten digits: the one image dataset that needs no download."""
+"""scikit-learn's bundled 8x8 handwritten digits: the one image dataset that needs no download.
+
+Samples are (8, 8, 1) images. There is no separate flat spec: a model on (64,) feature vectors (an
+MLP) gets them flattened row-major, and a Conv1D model on (8, 8) gets the rows as a sequence, both
+by ``fit_to_model`` when the data is loaded against the model (``pipeline.load_inputs``).
+"""
 from __future__ import annotations
 
 import numpy as np

@@ -46,7 +46,7 @@ DATASETS.register("mnist", DatasetKind(
     "MNIST from the Keras cache"))
 DATASETS.register("fashion_mnist", DatasetKind(
     lambda path, data_dir, o: load_fashion_mnist(data_dir), "none", True,
-    "Fashion-MNIST from the Keras cache"))
+    "Fashion-MNIST from the Keras cache or Debian's dataset-fashion-mnist"))
 DATASETS.register("cifar10", DatasetKind(
     lambda path, data_dir, o: load_cifar10(data_dir), "none", True,
     "CIFAR-10 from the Keras cache"))
@@ -73,7 +73,9 @@ def load_dataset(spec: str, data_dir: str | None = None, samples: int | None = N
     loaders that resize (``images:``) need.
 
     Specs: ``digits``, ``kws01`` or ``kws01:PATH``, ``mnist``, ``fashion_mnist``, ``cifar10``
-    (read from the Keras cache, searched in ``data_dir`` first), ``npz:PATH``.
+    (read from the Keras cache, searched in ``data_dir`` first; ``fashion_mnist`` also from
+    /usr/share/datasets/fashion-mnist), ``images:DIR[?scale=..&train_per_class=..]`` (class
+    folders, see ``toolchain.data.images``), ``npz:PATH``.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"dataset spec {spec!r} is empty; pass one of {known_specs()}")
