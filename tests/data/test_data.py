@@ -1006,3 +1006,65 @@ def test_train_model_refuses_targets_it_cannot_train_on(tmp_path):
     ds = load_dataset(_save(tmp_path, x=np.random.rand(4, 6)))  # no y: an autoencoder's data
     with pytest.raises(ConfigError, match="holds autoencoder targets, but train_model trains classifiers"):
         train_model("mlp", ds, epochs=1, out_path=tmp_path / "m.keras")
+
+
+def test_dataset_contract_for_regression_and_autoencoder_targets():
+    rng = np.random.default_rng(0)
+    x = rng.random((5, 7, 3), dtype=np.float32)  # (N, T, C) sequences are taken as they are
+    reg = _tiny(n=5, shape=(7, 3), x_train=x, y_train=rng.random((5, 2), dtype=np.float32), class_names=(),
+                task="regression")
+    assert not reg.is_classification and reg.target_shape == (2,) and reg.num_classes == 0
+    xc, yc = reg.calibration(3)
+    np.testing.assert_array_equal(yc, reg.y_train[:3])
+    assert yc.dtype == np.float32 and not yc.flags.writeable
+    x_eval = rng.random((2, 7, 3), dtype=np.float32)
+    ae = _tiny(n=5, shape=(7, 3), x_train=x, y_train=x.copy(), x_eval=x_eval, y_eval=x_eval.copy(),
+               class_names=(), task="autoencoder", anomaly_eval=np.array([0, 1], np.int64))
+    assert not ae.anomaly_eval.flags.writeable
+    # task and anomaly labels are part of the content
+    other = _tiny(n=5, shape=(7, 3), x_train=x, y_train=x.copy(), x_eval=x_eval, y_eval=x_eval.copy(),
+                  class_names=(), task="autoencoder", anomaly_eval=np.array([1, 0], np.int64))
+    assert len({ae.content_hash(), other.content_hash(), _tiny(
+        n=5, shape=(7, 3), x_train=x, y_train=x.copy(), x_eval=x_eval, y_eval=x_eval.copy(),
+        class_names=(), task="regression").content_hash()}) == 3
+    with pytest.raises(DataError, match="regression dataset has no classes"):
+        _tiny(n=5, shape=(7, 3), x_train=x, y_train=rng.random((5, 1), dtype=np.float32), task="regression")
+    with pytest.raises(DataError, match=r"targets of a regression dataset must be a float32 array of shape \(N, K"):
+        _tiny(n=5, shape=(7, 3), x_train=x, y_train=rng.random(5, dtype=np.float32), class_names=(),
+              task="regression")
+    with pytest.raises(DataError, match="x_train has 5 samples but y_train has 4"):
+        _tiny(n=5, shape=(7, 3), x_train=x, y_train=rng.random((4, 1), dtype=np.float32), class_names=(),
+              task="regression")
+    with pytest.raises(DataError, match="anomaly_eval is int64 array of shape \\(3,\\)"):
+        _tiny(n=5, shape=(7, 3), x_train=x, y_train=x.copy(), x_eval=x_eval, y_eval=x_eval.copy(),
+              class_names=(), task="autoencoder", anomaly_eval=np.array([0, 1, 1], np.int64))
+    with pytest.raises(DataError, match="task is 'ranking'"):
+        _tiny(task="ranking")
+
+
+def test_npz_target_kinds(tmp_path):
+    x = np.random.rand(4, 5)
+    onehot = np.eye(3)[[0, 2, 1, 2]]
+    ds = load_dataset(_save(tmp_path, x=x, y=onehot))
+    assert ds.task == "classification" and list(ds.y_train) == [0, 2, 1, 2]
+    wide = load_dataset(_save(tmp_path, x=x, y=np.random.rand(4, 3)))  # float, wider than 1, not one-hot
+    assert wide.task == "regression" and wide.y_train.shape == (4, 3) and wide.y_train.dtype == np.float32
+    alias = load_dataset(_save(tmp_path, x=x, x_eval=x[:2], y_eval_anomaly=[1, 0]))
+    assert alias.task == "autoencoder" and list(alias.anomaly_eval) == [1, 0]
+    with pytest.raises(DataError):
+        load_dataset(_save(tmp_path, x=x, y=np.array(["a", "b", "a", "b"])), task="regression")
+    with pytest.raises(DataError):
+        load_dataset(_save(tmp_path, x=x, y=[0.5, 1.5, 2.5]))  # 3 targets for 4 samples
+
+
+def test_npz_anomaly_labels_make_an_autoencoder_dataset(tmp_path):
+    x, x_eval = np.random.rand(4, 5), np.random.rand(3, 5)
+    ds = load_dataset(_save(tmp_path, x=x, y=[0, 1, 0, 1], x_eval=x_eval, y_eval=[0, 0, 1], anomaly_eval=[0, 0, 1]))
+    assert ds.task == "autoencoder" and list(ds.anomaly_eval) == [0, 0, 1] and ds.y_eval.shape == (3, 5)
+    assert "y and y_eval not used" in ds.provenance
+    forced = load_dataset(_save(tmp_path, x=x, y=[0, 1, 0, 1], x_eval=x_eval, y_eval=[0, 0, 1]), task="autoencoder")
+    assert forced.anomaly_eval is None  # y_eval is not guessed to be anomaly labels
+    with pytest.raises(DataError, match="both anomaly_eval and y_eval_anomaly"):
+        load_dataset(_save(tmp_path, x=x, x_eval=x_eval, anomaly_eval=[0, 0, 1], y_eval_anomaly=[0, 0, 1]))
+    with pytest.raises(DataError, match="'y_eval_anomaly' in .* must hold one 0/1 label per 'x_eval' sample"):
+        load_dataset(_save(tmp_path, x=x, x_eval=x_eval, y_eval_anomaly=[0, 1]))

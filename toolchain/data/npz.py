@@ -13,8 +13,11 @@ The task follows from ``y`` (``task=`` overrides it):
   ``class_names`` the classes are named "0".."K-1", K being the one-hot width or the largest label + 1;
 * **regression**: ``y`` holds non-integer floats (``(N,)`` becomes ``(N, 1)``; ``(N, K)`` that is
   not one-hot stays);
-* **autoencoder**: no ``y`` (nor ``y_eval``): the targets are the inputs. ``anomaly_eval`` (0/1 per
-  ``x_eval`` sample, 1 = anomalous) adds the ROC AUC of the reconstruction error to the metrics.
+* **autoencoder**: no ``y`` (nor ``y_eval``), or anomaly labels given: the targets are the inputs.
+  ``anomaly_eval`` (alias ``y_eval_anomaly``; 0/1 per ``x_eval`` sample, 1 = anomalous) adds the ROC
+  AUC of the reconstruction error to the metrics. Anomaly labels are only ever read from those two
+  keys: with ``task="autoencoder"`` any ``y``/``y_eval`` are not taken as anomaly labels but
+  dropped (said in the provenance), since 0/1 class labels and anomaly labels cannot be told apart.
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ import numpy as np
 
 from toolchain.data.dataset import Dataset, count_nonfinite
 from toolchain.errors import DataError
+
+
+#: keys of the 0/1 anomaly labels per evaluation sample (autoencoders); the second is an alias
+ANOMALY_KEYS = ("anomaly_eval", "y_eval_anomaly")
 
 
 def _images(x: np.ndarray, key: str, path: Path) -> np.ndarray:
@@ -138,8 +145,12 @@ def load_npz(path: str, task: str | None = None) -> Dataset:
             "np.savez(path, x=..., y=...) and no object arrays"
         ) from None
 
+    present = [k for k in ANOMALY_KEYS if k in arrays]
+    if len(present) > 1:
+        raise DataError(f"{file} has both {' and '.join(present)}; they are the same thing (0/1 anomaly "
+                        "labels per 'x_eval' sample), save one of them")
     if task is None:
-        if "y" not in arrays and "y_eval" not in arrays:
+        if "y" not in arrays and "y_eval" not in arrays or present:
             task = "autoencoder"
         elif "y" in arrays and not _looks_like_classes(arrays["y"]):
             task = "regression"
@@ -232,14 +243,16 @@ def _autoencoder(arrays: dict, file: Path) -> Dataset:
     if len(x) == 0 or (x_eval is not None and len(x_eval) == 0):
         raise DataError(f"{file} has an empty 'x' or 'x_eval'; save at least one sample in each")
     anomaly = None
-    if "anomaly_eval" in arrays:
-        a = arrays["anomaly_eval"]
+    key = next((k for k in ANOMALY_KEYS if k in arrays), None)
+    if key is not None:
+        a = arrays[key]
         if x_eval is None or a.shape != (len(x_eval),) or a.dtype.kind not in "biuf" or not np.isin(a, (0, 1)).all():
             raise DataError(
-                f"array 'anomaly_eval' in {file} is {a.dtype}{a.shape}, but it must hold one 0/1 label per "
+                f"array {key!r} in {file} is {a.dtype}{a.shape}, but it must hold one 0/1 label per "
                 "'x_eval' sample (1 = anomalous); save it beside x_eval"
             )
         anomaly = a.astype(np.int64)
+    dropped = [k for k in ("y", "y_eval") if k in arrays]
     return Dataset(
         name=f"npz:{file}", task="autoencoder", x_train=x, y_train=x.copy(),
         x_eval=x_eval, y_eval=None if x_eval is None else x_eval.copy(), class_names=(),
@@ -247,6 +260,7 @@ def _autoencoder(arrays: dict, file: Path) -> Dataset:
         provenance=(f"npz file {file}: 'x' ({len(x)} samples, file order) as train/calibration, "
                     + (f"'x_eval' ({len(x_eval)}) as eval" if x_eval is not None else "no eval split")
                     + "; autoencoder: the targets are the inputs"
-                    + (f"; 'anomaly_eval' marks {int(anomaly.sum())} anomalous eval samples" if anomaly is not None
+                    + (f"; {key!r} marks {int(anomaly.sum())} anomalous eval samples" if anomaly is not None
                        else "")
+                    + (f"; {' and '.join(dropped)} not used (labels are no autoencoder targets)" if dropped else "")
                     + "; inputs cast to float32 without rescaling"))
