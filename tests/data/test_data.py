@@ -1068,3 +1068,13 @@ def test_npz_anomaly_labels_make_an_autoencoder_dataset(tmp_path):
         load_dataset(_save(tmp_path, x=x, x_eval=x_eval, anomaly_eval=[0, 0, 1], y_eval_anomaly=[0, 0, 1]))
     with pytest.raises(DataError, match="'y_eval_anomaly' in .* must hold one 0/1 label per 'x_eval' sample"):
         load_dataset(_save(tmp_path, x=x, x_eval=x_eval, y_eval_anomaly=[0, 1]))
+
+
+def test_known_specs_list_every_kind_with_its_form():
+    from toolchain.data import known_specs
+
+    specs = known_specs()
+    for form in ("digits", "fashion_mnist", "images:DIR[?scale=1|255|-1", "kws01[:PATH]", "npz:PATH"):
+        assert form in specs
+    with pytest.raises(ConfigError, match=r"known: .*images:DIR"):
+        load_dataset("imagez:/tmp")

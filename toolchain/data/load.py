@@ -29,8 +29,12 @@ class DatasetKind:
     path: str
     uses_data_dir: bool
     summary: str
+    #: how the spec is written when ``key:PATH`` does not say it (``images:DIR[?scale=...]``)
+    usage: Optional[str] = None
 
     def form(self, key: str) -> str:
+        if self.usage:
+            return self.usage
         return {"none": key, "optional": f"{key}[:PATH]", "required": f"{key}:PATH"}[self.path]
 
 
@@ -53,7 +57,8 @@ DATASETS.register("cifar10", DatasetKind(
 DATASETS.register("images", DatasetKind(
     lambda path, data_dir, o: load_images(path, o.get("input_shape")), "required", False,
     "class folders of images (DIR/<class>/*.jpg; DIR/train + DIR/test), resized to the model's input; "
-    "?scale=1|255|-1 (default 1: 0..1)"))
+    "?scale=1|255|-1 (default 1: 0..1)",
+    "images:DIR[?scale=1|255|-1&train_per_class=N&eval_per_class=N]"))
 DATASETS.register("npz", DatasetKind(
     lambda path, data_dir, o: load_npz(path, o.get("task")), "required", False,
     "your own arrays x, y[, x_eval, y_eval, class_names] in one .npz"))
