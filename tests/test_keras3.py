@@ -81,9 +81,22 @@ def test_hostile_keras3_configs_are_refused_before_any_import(attack, tmp_path, 
                                              "registered_name": "function"}
 
     path = _rewrite_config(FIXTURES / "mlp.keras", tmp_path / "hostile.keras", change)
-    with pytest.raises(ModelLoadError, match="can execute code"):
+    with pytest.raises(ModelLoadError, match="can execute code") as err:
         load_model(path)
     assert not marker_module.exists()
+    assert "model.save" not in str(err.value)
+
+
+def test_keras3_layer_tf_keras_lacks_is_named_without_resave_advice(tmp_path):
+    def change(config):  # a Keras 3 built-in that tf.keras 2.14 never had
+        dropout = _layer(config, "Dropout")
+        dropout["class_name"] = "RMSNormalization"
+        dropout["config"] = {"name": dropout["config"]["name"], "axis": -1, "epsilon": 1e-6}
+
+    path = _rewrite_config(FIXTURES / "mlp.keras", tmp_path / "rms.keras", change)
+    with pytest.raises(ModelLoadError, match=r"Keras 3 model with layers .*dropout \(RMSNormalization\)") as err:
+        load_model(path, trust_model=True)
+    assert "model.save" not in str(err.value) and "--trust-model" not in str(err.value)
 
 
 def test_keras3_layer_option_tf_keras_lacks_is_named(tmp_path):
@@ -91,8 +104,9 @@ def test_keras3_layer_option_tf_keras_lacks_is_named(tmp_path):
         _layer(config, "Dense")["config"]["lora_rank"] = 4  # LoRA on: changes what the layer computes
 
     path = _rewrite_config(FIXTURES / "mlp.keras", tmp_path / "lora.keras", change)
-    with pytest.raises(ModelLoadError, match=r"dense.*\(Dense\).*lora_rank"):
+    with pytest.raises(ModelLoadError, match=r"dense.*\(Dense\).*lora_rank") as err:
         load_model(path)
+    assert "model.save" not in str(err.value)
 
 
 def test_keras3_weights_that_do_not_fit_are_refused(tmp_path):

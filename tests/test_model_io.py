@@ -319,6 +319,37 @@ def test_lambda_layers_in_a_savedmodel_need_trust(tmp_path):
     _refused(tmp_path / "sm", "double \\(Lambda\\).*--trust-model")
 
 
+def test_savedmodel_custom_layer_labelled_as_builtin_needs_trust(tmp_path):
+    # Issue 15 item 7: a custom layer whose class is named "Dense" is stored in the Keras metadata
+    # as a Dense; Dense.from_config rejects its config, so Keras revives it from the traced graph,
+    # which writes ``marker`` when it runs. Without trust the load must stop before it ever runs.
+    marker = tmp_path / "executed"
+
+    class Dense(L.Layer):
+        def __init__(self, units=2, note="", **kwargs):
+            super().__init__(**kwargs)
+            self.units, self.note = units, note
+
+        def build(self, shape):
+            self.kernel = self.add_weight("kernel", (shape[-1], self.units))
+
+        def call(self, x):
+            tf.io.write_file(str(marker), "ran")
+            return tf.matmul(x, self.kernel)
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units, "note": self.note}
+
+    inputs = L.Input((4,))
+    tf.keras.Model(inputs, Dense(name="dense")(inputs)).save(str(tmp_path / "sm"), save_format="tf")
+    marker.unlink(missing_ok=True)
+    _refused(tmp_path / "sm", "traced graph.*dense \\(Dense\\).*--trust-model")
+    assert not marker.exists(), "the SavedModel's traced graph ran while refusing it"
+    model = load_model(tmp_path / "sm", trust_model=True)
+    model(np.ones((1, 4), np.float32))
+    assert marker.exists()
+
+
 @tf.keras.utils.register_keras_serializable(package="toolchain_tests")
 class _Twice(L.Layer):
     def call(self, x):

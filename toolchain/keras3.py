@@ -65,6 +65,26 @@ def is_keras3(path: Path, kind: str, config: dict) -> bool:
     return "keras.src" in json.dumps(config)[:100_000]
 
 
+def check_layers(path: Path, config: dict, tf_keras_layers, is_keras_module) -> None:
+    """Refuse Keras 3 built-in layers that tf.keras 2.14 does not have (``RMSNormalization``, ...),
+    naming all of them: they are not custom code, so ``--trust-model`` would not help."""
+    missing = []
+    stack = list((config.get("config") or {}).get("layers", []))
+    while stack:
+        layer = stack.pop(0)
+        stack.extend((layer.get("config") or {}).get("layers", []) if isinstance(layer.get("config"), dict) else [])
+        cls = layer.get("class_name")
+        builtin = is_keras_module(layer.get("module")) and layer.get("registered_name") in (None, cls)
+        if builtin and cls not in tf_keras_layers:
+            missing.append(f"{(layer.get('config') or {}).get('name', layer.get('name'))} ({cls})")
+    if missing:
+        raise ModelLoadError(
+            f"{str(path)!r} is a Keras 3 model with layers tf.keras 2.14 (the TensorFlow this toolchain "
+            f"runs on) does not have: {', '.join(missing)}; replace them with layers both versions have "
+            f"(Conv/Dense/BatchNormalization/pooling/merge layers) before compressing the model"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # config translation
 

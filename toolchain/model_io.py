@@ -144,6 +144,11 @@ def load_model(path, trust_model: bool = False) -> "tf.keras.Model":
     kind = _model_kind(p)
     config = _read_config(p, kind)
     _check_model_class(p, config)
+    from toolchain import keras3
+
+    is_keras3 = kind in ("keras", "h5") and keras3.is_keras3(p, kind, config)
+    if is_keras3:
+        keras3.check_layers(p, config, _keras_layer_names(), _keras_module)
     if not trust_model:
         offenders = _unsafe_objects(config)
         if offenders:
@@ -153,12 +158,12 @@ def load_model(path, trust_model: bool = False) -> "tf.keras.Model":
                 f"--trust-model (trust_model=True) if you trust the file, or rebuild these "
                 f"parts with built-in layers"
             )
-    from toolchain import keras3
-
-    if kind in ("keras", "h5") and keras3.is_keras3(p, kind, config):
+    if is_keras3:
         model = keras3.load(p, kind, config)  # translated, never deserialized by Keras itself
     else:
         model = _deserialize(p, kind, trust_model, config)
+    if kind == "savedmodel" and not trust_model:
+        _check_not_revived(p, model)
     _check_loaded(p, model)
     return model
 
@@ -415,6 +420,36 @@ def _deserialize(p: Path, kind: str, trust_model: bool, config: dict):
                            "savedmodel": "SavedModel"}[kind], err) from err
     finally:
         tf_logger.removeFilter(quiet)
+
+
+def _builtin_layer(layer) -> bool:
+    """``layer`` is an instance of the built-in Keras class of its own name (or a model), not a
+    layer Keras revived from a SavedModel's traced functions under a borrowed name."""
+    import tensorflow as tf
+    from keras.src.engine.functional import Functional
+
+    cls = type(layer)
+    return cls in (Functional, tf.keras.Sequential) or getattr(tf.keras.layers, cls.__name__, None) is cls
+
+
+def _check_not_revived(p: Path, model) -> None:
+    """A SavedModel layer whose stored config Keras could not rebuild into its class (a custom
+    layer labelled ``Dense`` in the metadata, say) comes back as a revived layer that runs the
+    file's traced graph, i.e. the file's code; without trust that graph must never run."""
+    revived = []
+    stack = [model]
+    while stack:
+        layer = stack.pop()
+        if not _builtin_layer(layer):
+            revived.append(f"{layer.name} ({type(layer).__name__})")
+        stack.extend(getattr(layer, "layers", []))  # nested models
+    if revived:
+        raise ModelLoadError(
+            f"SavedModel {str(p)!r} has layers that Keras could only revive from the file's traced "
+            f"graph, not rebuild from their config: {', '.join(sorted(revived))}; running them "
+            f"executes the file's code, so pass --trust-model (trust_model=True) if you trust the "
+            f"file, or save it with built-in layers only"
+        )
 
 
 def _check_loaded(p: Path, model) -> None:
