@@ -81,8 +81,12 @@ def _predict_artifact(artifact, x: np.ndarray) -> np.ndarray:
     return np.asarray(runtime_for(artifact)(x))
 
 
-def _calibration_accuracy(model, x, y) -> float:
-    return float((np.argmax(model.predict(x, batch_size=256, verbose=0), axis=-1) == y).mean())
+def _calibration_metrics(model, x, y, task: str) -> dict:
+    from toolchain.task import evaluate
+
+    out = evaluate(task, y, model.predict(x, batch_size=256, verbose=0))
+    out.pop("reconstruction_error", None)
+    return out
 
 
 def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
@@ -93,6 +97,7 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
     from toolchain.prune import prune
 
     from toolchain.prune.distill import DistillConfig
+    from toolchain.relevance import resolve_class_selection
 
     p = recipe["prune"]
     distill = DistillConfig.from_recipe(p)
@@ -114,24 +119,29 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
                      rule="nonpositive" if p["mode"] == "nonpositive" else None,
                      sparsity=None if p["mode"] == "nonpositive" else float(sparsity),
                      relevance=rmap if p["criterion"] == "relevance" else None,
-                     lrp_rule=recipe["relevance"]["rule"], class_selection=recipe["relevance"]["classes"],
+                     lrp_rule=recipe["relevance"]["rule"],
+                     class_selection=resolve_class_selection(dataset.task, recipe["relevance"]["classes"]),
                      samples=recipe["relevance"]["samples"], fine_tune_epochs=epochs, channel_multiple=multiple,
                      distill=distillation, quiet=quiet)
 
     auto = None
     if p["mode"] == "auto":
+        from toolchain.task import metric_change, mse_floor_for, primary_metric
+
         x_cal, y_cal = dataset.calibration(min(recipe["relevance"]["samples"], len(dataset.x_train)))
-        reference = _calibration_accuracy(model, x_cal, y_cal)
+        metric, _ = primary_metric(dataset.task)
+        reference = _calibration_metrics(model, x_cal, y_cal, dataset.task)
         tried, chosen = [], None
         for s in sorted(p["auto_sparsities"], reverse=True):
             candidate = run(s, 0)
-            acc = _calibration_accuracy(candidate.model, x_cal, y_cal)
-            tried.append({"sparsity": s, "calibration_accuracy": acc})
-            if reference - acc <= p["auto_max_drop"]:
+            got = _calibration_metrics(candidate.model, x_cal, y_cal, dataset.task)
+            change = metric_change(dataset.task, reference, got, mse_floor_for(y_cal)).drop
+            tried.append({"sparsity": s, f"calibration_{metric}": got[metric], "calibration_change": change})
+            if change <= p["auto_max_drop"]:
                 chosen = s
                 break
-        auto = {"reference_calibration_accuracy": reference, "tried": tried, "chosen": chosen,
-                "max_drop": p["auto_max_drop"]}
+        auto = {f"reference_calibration_{metric}": reference[metric], "metric": metric, "tried": tried,
+                "chosen": chosen, "max_drop": p["auto_max_drop"]}
         if chosen is None:
             summary = {"criterion": p["criterion"], "granularity": p["granularity"], "rule": "auto: none",
                        "skipped": True, "auto": auto, "params_before": model.count_params(),
@@ -183,18 +193,18 @@ def _quantize(model, dataset, recipe, m_hash, d_hash, quiet):
 
 
 def _verify_overrides(recipe) -> dict:
-    from toolchain.verify import DEFAULT_THRESHOLDS, Thresholds
+    """Export's thresholds (each artifact vs the Keras model it was made from) from the recipe's
+    verify section: the flat keys for int8/mixed, ``verify.<kind>.<field>`` for any other."""
+    from toolchain.verify import thresholds_from_recipe
 
-    v = recipe["verify"]
-    return {kind: Thresholds(min_agreement=v["min_agreement"], max_abs_diff=DEFAULT_THRESHOLDS[kind].max_abs_diff,
-                             max_mean_abs_diff=DEFAULT_THRESHOLDS[kind].max_mean_abs_diff,
-                             max_accuracy_drop=v["max_accuracy_drop"])
-            for kind in ("int8", "mixed")}
+    return thresholds_from_recipe(recipe["verify"])
 
 
 def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[None, str, dict] = None,
                  target: Optional[str] = None, trust_model: bool = False, data_dir: Optional[str] = None,
-                 quiet: bool = False) -> CompressResult:
+                 quiet: bool = False, task: Optional[str] = None) -> CompressResult:
+    """The whole pipeline. ``task`` (classification | regression | autoencoder) overrides the recipe's
+    ``task`` key, whose ``auto`` infers it from the model and data (``toolchain.task``)."""
     from toolchain.export import export, parse_formats
     from toolchain.model_io import file_sha256, model_hash
     from toolchain.pipeline import load_inputs
@@ -212,7 +222,8 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
     out_dir = check_output_dir(out)
     progress = _Progress(quiet)
     input_hash = file_sha256(model_path) if Path(model_path).exists() else None
-    model, dataset = load_inputs(model_path, data_spec, trust_model=trust_model, data_dir=data_dir)
+    task = task or (None if recipe["task"] == "auto" else recipe["task"])
+    model, dataset = load_inputs(model_path, data_spec, trust_model=trust_model, data_dir=data_dir, task=task)
     if dataset.x_eval is None:
         raise ConfigError(f"dataset {data_spec!r} has no evaluation split; compress needs one to verify "
                           "artifacts (npz: add x_eval and y_eval)")
@@ -228,8 +239,11 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
 
         resolve_target(recipe["bench"]["target"])  # an unknown or malformed target fails now
     m_hash, d_hash = model_hash(model), dataset.content_hash()
+    from toolchain.task import primary_metric
+
     summary: dict = {"model": str(Path(model_path).resolve()), "model_name": Path(model_path).name,
-                     "data": data_spec, "data_provenance": dataset.provenance, "recipe": recipe,
+                     "data": data_spec, "data_provenance": dataset.provenance, "task": dataset.task,
+                     "metric": primary_metric(dataset.task, dataset.anomaly_eval is not None)[0], "recipe": recipe,
                      "versions": library_versions(), "cached_stages": []}
 
     with staged_output(out_dir) as stage:
@@ -238,7 +252,7 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
         x_cal, y_cal = dataset.calibration(min(rel["samples"], len(dataset.x_train)))
         progress.stage("relevance", f"{rel['rule']} on {len(x_cal)} calibration samples")
         rmap = compute_relevance(model, x_cal, y_cal, rule=rel["rule"], class_selection=rel["classes"],
-                                 quiet=quiet)
+                                 quiet=quiet, task=dataset.task)
         if rmap.cached:
             summary["cached_stages"].append("relevance")
         save_relevance(rmap, stage / "relevance")
@@ -309,7 +323,7 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
         # 7. report
         progress.stage("report", "report.html, report.md")
         plot_tradeoff(rows, summary.get("original"), stage / "tradeoff.png")
-        summary["headline"] = _headline(rows)
+        summary["headline"] = _headline(rows, summary["original"]["metric"])
         summary["headline_format"] = (_headline_row(rows) or {}).get("format")
         summary["input_model_sha256"] = input_hash
         (stage / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
@@ -332,21 +346,27 @@ def _json_default(obj):
 
 
 def _artifact_rows(bundle, baseline, original, dataset, packed: Optional[int]) -> List[dict]:
-    """One row per artifact: accuracy, agreement with the ORIGINAL model, sizes three ways
-    (``packed``: the bit plan's packed weight bytes, shown on the mixed-precision rows)."""
+    """One row per artifact: the task's metrics on the evaluation split (classifiers: accuracy and
+    top-1 agreement with the ORIGINAL model; regressors/autoencoders: MSE, MAE, and ROC AUC with
+    anomaly labels), sizes three ways (``packed``: the bit plan's packed weight bytes, shown on the
+    mixed-precision rows)."""
     from toolchain.quantize.size import artifact_sizes
+    from toolchain.task import evaluate, top1_agreement
 
-    x, y = dataset.x_eval, dataset.y_eval
-    original_top1 = np.argmax(original.predict(x, verbose=0), axis=-1)
+    x, y, task = dataset.x_eval, dataset.y_eval, dataset.task
+    original_out = original.predict(x, verbose=0)
     rows = []
     for origin, b in (("baseline", baseline), ("compressed", bundle)):
         for fmt, art in b.artifacts.items():
-            top1 = np.argmax(_predict_artifact(art, x), axis=-1)
+            out = np.asarray(_predict_artifact(art, x))
+            metrics = evaluate(task, y, out, dataset.anomaly_eval)
+            metrics.pop("reconstruction_error", None)
+            metrics.pop("samples", None)
             gzip_bytes = artifact_sizes([art.path])[str(art.path)]["gzip_bytes"]
             rows.append({
                 "name": f"{origin}/{Path(art.path).name}", "format": fmt, "origin": origin,
-                "path": str(art.path), "accuracy": float((top1 == y).mean()),
-                "agreement": float((top1 == original_top1).mean()),
+                "path": str(art.path), **metrics,
+                "agreement": top1_agreement(out, original_out) if task == "classification" else None,
                 "size_bytes": int(art.size_bytes), "gzip_bytes": gzip_bytes,
                 "packed_weight_bytes": packed if (origin == "compressed" and "mixed" in fmt) else None,
             })
@@ -356,46 +376,59 @@ def _artifact_rows(bundle, baseline, original, dataset, packed: Optional[int]) -
     return rows
 
 
+#: the recipe key that limits each primary metric's loss against the original
+GUARD_KEYS = {"accuracy": "max_accuracy_drop", "mse": "max_mse_increase", "auc": "max_auc_drop"}
+
+
 def _compare_with_original(rows: List[dict], bundle, original, dataset, limits: dict) -> dict:
-    """Annotate every artifact row with its change against the user's original Keras model and
-    raise ``VerificationError`` (naming each offender, by how much, and the recipe key) when a
-    compressed artifact breaks ``verify.max_accuracy_drop``.
+    """Annotate every artifact row with its change against the user's original Keras model in the
+    task's primary metric, and raise ``VerificationError`` (naming each offender, by how much, and
+    the recipe key) when a compressed artifact loses more than the recipe allows
+    (``verify.max_accuracy_drop`` points of accuracy, ``verify.max_mse_increase`` relative MSE,
+    ``verify.max_auc_drop`` of ROC AUC).
 
     The MCU row is the bundle's model run in tflite-micro on the first ``samples`` evaluation
-    samples, so it is compared with the original on those same samples."""
+    samples, so it is compared with the original on those same samples (classifiers only: the
+    tflite-micro check reports accuracy)."""
     from toolchain.errors import VerificationError
+    from toolchain.task import evaluate, metric_change, mse_floor_for, primary_metric
 
-    x, y = dataset.x_eval, dataset.y_eval
-    original_top1 = np.argmax(original.predict(x, batch_size=256, verbose=0), axis=-1)
-    correct = original_top1 == y
-    reference = {"accuracy": float(correct.mean()), "samples": int(len(y)), "metric": "accuracy"}
+    x, y, task = dataset.x_eval, dataset.y_eval, dataset.task
+    original_out = original.predict(x, batch_size=256, verbose=0)
+    reference = evaluate(task, y, original_out, dataset.anomaly_eval)
+    reference.pop("reconstruction_error", None)
+    metric, higher_better = primary_metric(task, "auc" in reference)
+    reference["metric"] = metric
+    floor = mse_floor_for(y) if task != "classification" else 0.0
     micro = (bundle.mcu.manifest.get("tflite_micro") if bundle.mcu is not None else None) or {}
-    limit = float(limits["max_accuracy_drop"])
+    key = GUARD_KEYS[metric]
+    limit = float(limits[key])
     offenders = []
     for row in rows:
+        base = reference
         if row["format"] == "mcu":
-            if micro.get("micro_accuracy") is None:
+            if task != "classification" or micro.get("micro_accuracy") is None:
                 continue
             n = int(micro["samples"])
             row.update({"accuracy": float(micro["micro_accuracy"]), "accuracy_samples": n,
                         "accuracy_runtime": "tflite-micro"})
-            base = float(correct[:n].mean())
-        else:
-            base = reference["accuracy"]
-        if row.get("accuracy") is None:
+            base = evaluate(task, y[:n], original_out[:n])
+        if row.get(metric) is None:
             continue
-        row["original_accuracy"] = base
-        row["accuracy_change"] = row["accuracy"] - base
-        if row["origin"] == "compressed" and base - row["accuracy"] > limit + 1e-12:
-            offenders.append(f"{row['name']} {row['accuracy']:.2%} vs the original's {base:.2%} "
-                             f"(-{(base - row['accuracy']) * 100:.1f} points)")
+        change = metric_change(task, base, row, floor)
+        row[f"original_{metric}"] = change.original
+        row["change_vs_original"] = change.drop  # larger = worse: points lost, or relative increase
+        if metric == "accuracy":
+            row["accuracy_change"] = row["accuracy"] - change.original
+        if row["origin"] == "compressed" and change.drop > limit + 1e-12:
+            offenders.append(f"{row['name']} {change.describe()}")
     if offenders:
+        allowed = f"{limit:.0%} more error" if metric == "mse" else f"{limit * 100:.1f} points"
         raise VerificationError(
-            f"{len(offenders)} artifact(s) lose more accuracy against the original model than "
-            f"verify.max_accuracy_drop allows ({limit * 100:.1f} points) on {len(y)} evaluation samples: "
-            f"{'; '.join(offenders)}; compress less (prune.sparsity, quantize.bits) or recover more "
-            f"(prune.distill_steps, prune.fine_tune_epochs), or raise verify.max_accuracy_drop in the "
-            f"recipe to accept the loss")
+            f"{len(offenders)} artifact(s) lose more {metric} against the original model than "
+            f"verify.{key} allows ({allowed}) on {len(y)} evaluation samples: {'; '.join(offenders)}; "
+            f"compress less (prune.sparsity, quantize.bits) or recover more (prune.distill_steps, "
+            f"prune.fine_tune_epochs), or raise verify.{key} in the recipe to accept the loss")
     return reference
 
 
@@ -484,14 +517,15 @@ def plot_tradeoff(rows: List[dict], original: Optional[dict], path: Path) -> Non
     for r in points:
         ref = r["origin"] == "baseline"
         size = 40 + scale * r["p50_ms"] if r.get("p50_ms") else 40
-        value = r[metric] * (100 if metric == "accuracy" else 1)
+        value = r[metric] * (100 if metric == "accuracy" else 1)  # MSE: lower is better
         ax.scatter(r["size_bytes"] / 1024, value, s=size, alpha=0.75, marker="s" if ref else "o",
                    color="tab:gray" if ref else "tab:green", edgecolor="black", linewidth=0.5)
         ax.annotate(r["label"].replace("compressed, ", "").replace("original, ", "original "),
                     (r["size_bytes"] / 1024, value), fontsize=7, xytext=(6, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("artifact size (KiB, log scale)")
-    ax.set_ylabel(f"{metric} on the evaluation split" + (" (%)" if metric == "accuracy" else ""))
+    ax.set_ylabel(f"{metric} on the evaluation split" + {"accuracy": " (%)", "mse": " (lower is better)",
+                                                                "auc": " (anomaly ROC AUC)"}.get(metric, ""))
     ax.set_title("Size vs " + metric + " (grey squares: the original and the standard flow; "
                  "marker area: p50 latency)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
@@ -520,8 +554,9 @@ def _fidelity(model, compressed, plan, dataset, rule, stage: Path, quiet) -> dic
     n = min(FIDELITY_SAMPLES, len(dataset.x_eval))
     x, y = dataset.x_eval[:n], dataset.y_eval[:n]
     analysed = dequantized_copy(compressed, plan) if plan is not None else compressed
-    result = explanation_fidelity(model, analysed, x, y, rule=rule, quiet=quiet)
-    plot_fidelity(result, x, stage / "fidelity_heatmaps.png", class_names=list(dataset.class_names), y=y)
+    result = explanation_fidelity(model, analysed, x, y, rule=rule, quiet=quiet, task=dataset.task)
+    plot_fidelity(result, x, stage / "fidelity_heatmaps.png", class_names=list(dataset.class_names) or None,
+                  y=y if dataset.is_classification else None)
     return result.summary()
 
 
@@ -533,15 +568,23 @@ def _headline_row(rows: List[dict]) -> Optional[dict]:
     return next((r for r in best if r["format"] == "tflite-mixed"), best[0] if best else None)
 
 
-def _headline(rows: List[dict]) -> str:
+def _headline(rows: List[dict], metric: str = "accuracy") -> str:
     base = next((r for r in rows if r["origin"] == "baseline" and r["format"] == "tflite-fp32"), None)
     pick = _headline_row(rows)
     if base is None or pick is None:
         return ""
-    text = (f"{pick['format']}: {pick['size_bytes']:,} bytes, {base['size_bytes'] / pick['size_bytes']:.1f}x smaller "
-            f"than the original float32 TFLite; accuracy {pick['accuracy']:.2%} (original {base['accuracy']:.2%}, "
-            f"{(pick['accuracy'] - base['accuracy']) * 100:+.1f} points), agreement with the original "
-            f"{pick['agreement']:.2%}")
+    text = f"{pick['format']}: {pick['size_bytes']:,} bytes, {base['size_bytes'] / pick['size_bytes']:.1f}x smaller " \
+           "than the original float32 TFLite; "
+    if metric == "accuracy":
+        text += (f"accuracy {pick['accuracy']:.2%} (original {base['accuracy']:.2%}, "
+                 f"{(pick['accuracy'] - base['accuracy']) * 100:+.1f} points), agreement with the original "
+                 f"{pick['agreement']:.2%}")
+    elif metric == "mse":
+        text += (f"MSE {pick['mse']:.4g} (original {base['mse']:.4g}, "
+                 f"{(pick['mse'] / max(base['mse'], 1e-30) - 1) * 100:+.1f}%), MAE {pick['mae']:.4g}")
+    else:
+        text += (f"anomaly ROC AUC {pick['auc']:.4f} (original {base['auc']:.4f}, {pick['auc'] - base['auc']:+.4f}), "
+                 f"MSE {pick['mse']:.4g} (original {base['mse']:.4g})")
     if pick.get("p50_ms") and base.get("p50_ms"):
         text += f"; p50 {pick['p50_ms']:.3f} ms, {base['p50_ms'] / pick['p50_ms']:.1f}x faster than float32"
     return text

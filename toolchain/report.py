@@ -18,6 +18,9 @@ ARTIFACT_COLUMNS = (
     ("format", "format", str),
     ("accuracy", "accuracy", lambda v: f"{v:.2%}"),
     ("accuracy_change", "vs original (points)", lambda v: f"{v * 100:+.1f}"),
+    ("mse", "MSE", lambda v: f"{v:.4g}"),
+    ("mae", "MAE", lambda v: f"{v:.4g}"),
+    ("auc", "anomaly ROC AUC", lambda v: f"{v:.4f}"),
     ("agreement", "agreement with original", lambda v: f"{v:.2%}"),
     ("packed_weight_bytes", "packed weights (B)", lambda v: f"{int(v):,}"),
     ("size_bytes", "artifact (B)", lambda v: f"{int(v):,}"),
@@ -40,21 +43,33 @@ CAPTIONS = {
 }
 
 
+#: how the first table shows a task's primary metric and its change against the original
+METRIC_CELLS = {
+    "accuracy": ("accuracy", lambda v: f"{v:.2%}", lambda d: f"{-d * 100:+.1f} points"),
+    "mse": ("MSE", lambda v: f"{v:.4g}", lambda d: f"{d * 100:+.1f}% error"),
+    "auc": ("anomaly ROC AUC", lambda v: f"{v:.4f}", lambda d: f"{-d:+.4f}"),
+}
+
+
 def _gain_rows(summary: Mapping) -> List[List[str]]:
     """The first table: per artifact what was gained (x smaller, x faster) and lost (metric vs the
     original), headline first."""
     art = list(summary.get("artifacts", []))
     head = summary.get("headline_format")
     art.sort(key=lambda r: (r.get("origin") != "compressed", r.get("format") != head))
+    metric = (summary.get("original") or {}).get("metric", "accuracy")
+    _, show, show_change = METRIC_CELLS[metric]
     rows = []
     for r in art:
-        change = r.get("accuracy_change")
+        change = r.get("change_vs_original")
+        if change is None and r.get("accuracy_change") is not None:
+            change = -r["accuracy_change"]
         flag = " (slower than float32)" if r.get("slower_than_float") else ""
         rows.append([
             r.get("label", r.get("name", "–")), f"{int(r['size_bytes']):,} B" if r.get("size_bytes") else "–",
             f"{r['x_smaller']:.1f}x" if r.get("x_smaller") else "–",
-            f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "–",
-            f"{change * 100:+.1f} points" if change is not None else "–",
+            show(r[metric]) if r.get(metric) is not None else "–",
+            show_change(change) if change is not None else "–",
             f"{r['p50_ms']:.3f} ms" if r.get("p50_ms") else "–",
             (f"{r['x_faster']:.1f}x{flag}" if r.get("x_faster") else "–"),
         ])
@@ -90,15 +105,19 @@ def sections(summary: Mapping) -> List[dict]:
     if art:
         measured = (summary.get("measured_on") or {}).get("text", "")
         original = summary.get("original") or {}
-        ref = (f"The reference for every change is the original model: accuracy {original['accuracy']:.2%} on "
-               f"{original['samples']} evaluation samples. " if original.get("accuracy") is not None else "")
+        metric = original.get("metric", "accuracy")
+        title, show, _ = METRIC_CELLS[metric]
+        task = summary.get("task", "classification")
+        ref = (f"Task: {task}. The reference for every change is the original model: {title} "
+               f"{show(original[metric])} on {original['samples']} evaluation samples. "
+               if original.get(metric) is not None else f"Task: {task}. ")
         micro_note = (" The microcontroller row's accuracy comes from tflite-micro on its first evaluation samples "
                       "and is compared with the original on those same samples." if any(
                           r.get("format") == "mcu" and r.get("accuracy") is not None for r in art) else "")
         out.append({"title": "What you gain and what you lose", "text": ref + "x smaller and x faster are "
                     "against the original float32 TFLite model; " + (measured or "latency not measured") + "."
                     + micro_note,
-                    "headers": ["artifact", "size", "x smaller", "accuracy", "change vs original", "p50",
+                    "headers": ["artifact", "size", "x smaller", title, "change vs original", "p50",
                                 "x faster"], "rows": _gain_rows(summary), "plots": ["tradeoff.png"]})
         text = ""
         micro = (summary.get("mcu") or {}).get("tflite_micro")
@@ -111,9 +130,11 @@ def sections(summary: Mapping) -> List[dict]:
                 f"samples: {tfl}), top-1 agreement with TFLite {micro['top1_agreement']:.1%}, smallest arena "
                 f"that runs {micro['arena_min_bytes']:,} B (64-bit host; the MCU arena column is the larger of "
                 "this and the estimate).")
+        # only the columns some artifact has: a regressor shows no accuracy, a classifier no MSE
+        columns = [c for c in ARTIFACT_COLUMNS if any(r.get(c[0]) is not None for r in art)]
         out.append({"title": "Artifacts", "text": text,
-                    "headers": [c[1] for c in ARTIFACT_COLUMNS],
-                    "rows": [[_cell(r, k, f) for k, _, f in ARTIFACT_COLUMNS] for r in art], "plots": []})
+                    "headers": [c[1] for c in columns],
+                    "rows": [[_cell(r, k, f) for k, _, f in columns] for r in art], "plots": []})
     rel = summary.get("relevance")
     if rel:
         rows = [[name, l["class"], f"{l['sum']:.4g}", f"{l['positive_share']:.1%}", f"{l['zero_share']:.1%}",
@@ -138,9 +159,11 @@ def sections(summary: Mapping) -> List[dict]:
         auto = pr.get("auto")
         auto_text = ""
         if auto:
-            tried = ", ".join(f"{t['sparsity']:.0%}: {t['calibration_accuracy']:.1%}" for t in auto["tried"])
-            auto_text = (f" Auto mode (calibration accuracy of the original {auto['reference_calibration_accuracy']:.1%}, "
-                         f"allowed drop {auto['max_drop']:.0%}; tried {tried}): "
+            m = auto.get("metric", "accuracy")
+            fmt = (lambda v: f"{v:.1%}") if m == "accuracy" else (lambda v: f"{v:.4g}")  # noqa: E731
+            tried = ", ".join(f"{t['sparsity']:.0%}: {fmt(t[f'calibration_{m}'])}" for t in auto["tried"])
+            auto_text = (f" Auto mode (calibration {m} of the original {fmt(auto[f'reference_calibration_{m}'])}, "
+                         f"allowed loss {auto['max_drop']:.0%}; tried {tried}): "
                          + (f"chose {auto['chosen']:.0%}." if auto["chosen"] is not None else "no sparsity qualified, "
                             "so nothing was pruned."))
         dist = (pr.get("settings") or {}).get("distill")
@@ -172,7 +195,9 @@ def sections(summary: Mapping) -> List[dict]:
         out.append({"title": "Bit widths", "text": f"{qu['allocator']} allocator, "
                     f"{qu.get('budget_text') or 'budget ' + str(qu.get('budget'))}: "
                     f"{qu['avg_weight_bits']:.2f} average bits per weight, {int(qu['packed_weight_bytes']):,} packed "
-                    f"weight bytes; simulated accuracy {qu['accuracy']:.2%}.",
+                    f"weight bytes"
+                    + (f"; simulated accuracy {qu['accuracy']:.2%}." if isinstance(qu.get("accuracy"), float)
+                       and qu["accuracy"] == qu["accuracy"] else "."),
                     "headers": ["layer", "weight bits (per group)", "activation bits"], "rows": rows,
                     "plots": ["bit_widths.png"]})
     fid = summary.get("fidelity")

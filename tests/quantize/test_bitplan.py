@@ -47,8 +47,28 @@ class _Layer:
         self.name = name
 
 
+class Conv2D(_Layer):  # a stand-in named like the Keras class: the first kernel is a 1-channel conv
+    input_shape = (None, 8, 8, 1)
+
+
+class Dense(_Layer):
+    input_shape = (None, 64)
+
+
 class _Model:
-    layers = [_Layer("input"), _Layer("conv"), _Layer("relu"), _Layer("fc")]
+    layers = [_Layer("input"), Conv2D("conv"), _Layer("relu"), Dense("fc")]
+
+
+class _MLP:
+    layers = [_Layer("input"), Dense("conv"), Dense("fc")]
+
+
+def test_keep_float_first_only_where_int8_is_slower():
+    # "first" exists for XNNPACK's slow int8 conv over one input channel; an MLP's first Dense is
+    # faster in int8, so nothing stays float and the plan's notes say why
+    kept = keep_float(_plan(), _MLP(), ["first"])
+    assert kept.notes["float_layers"] == [] and kept.layers["conv"] == _plan().layers["conv"]
+    assert "faster in int8" in kept.notes["float_layers_skipped"]
 
 
 def test_keep_float_first_and_named_layers():

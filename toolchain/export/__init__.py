@@ -252,7 +252,9 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
             from toolchain.export.mcu import write_mcu_bundle
 
             mcu = write_mcu_bundle(staged[mcu_source].path, stage / "mcu", base, mcu_source,
-                                   check_x=dataset.x_eval, check_y=dataset.y_eval)
+                                   check_x=dataset.x_eval,
+                                   # class labels give tflite-micro's accuracy; other targets do not
+                                   check_y=dataset.y_eval if getattr(dataset, "is_classification", True) else None)
         final = {fmt: replace(a, path=out_dir / Path(a.path).name) for fmt, a in staged.items()}
         if mcu is not None:
             mcu = replace(mcu, out_dir=out_dir / "mcu",

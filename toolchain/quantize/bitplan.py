@@ -148,12 +148,33 @@ def keep_float(plan: BitPlan, model, layers: Sequence[str]) -> BitPlan:
     plan's budget; the plan's notes list them."""
     if not layers:
         return plan
-    names = resolve_float_layers(layers, [l.name for l in model.layers if l.name in plan.layers])
+    kernels = [l for l in model.layers if l.name in plan.layers]
+    skipped = None
+    if FIRST in layers and kernels and not _slow_in_int8(kernels[0]):
+        # the reason for "first" holds only for a convolution over (nearly) one input channel; an
+        # MLP's first Dense or an RGB conv runs faster in int8, so "first" keeps nothing in float there
+        first = kernels[0]
+        skipped = (f"first: {first.name} is a {type(first).__name__} over {first.input_shape[-1]} input "
+                   "channels, which XNNPACK runs faster in int8; kept quantized")
+        layers = [n for n in layers if n != FIRST]
+    names = resolve_float_layers(layers, [l.name for l in kernels]) if layers else []
     new = dict(plan.layers)
     for n in names:
         new[n] = replace(new[n], weight_bits=FLOAT_BITS, activation_bits=FLOAT_BITS, group_bits=None, group_size=None)
     notes = {**plan.notes, "float_layers": names}
+    if skipped:
+        notes["float_layers_skipped"] = skipped
     return replace(plan, layers=new, notes=notes)
+
+
+#: input channels up to which XNNPACK's int8 convolution is slower than its float one
+SLOW_INT8_CHANNELS = 2
+
+
+def _slow_in_int8(layer) -> bool:
+    """A convolution over at most ``SLOW_INT8_CHANNELS`` input channels (DS-CNN's first conv)."""
+    return type(layer).__name__ in ("Conv2D", "Conv1D", "DepthwiseConv2D") and \
+        int(layer.input_shape[-1]) <= SLOW_INT8_CHANNELS
 
 
 def resolve_float_layers(layers: Sequence[str], kernels: Sequence[str]) -> list:
