@@ -1,6 +1,6 @@
 """Where a benchmark runs: one registry of targets, named on the command line as
 
-    local | ssh://[user@]host[:port] | emulated-pi4 | emulated-pi5
+    local | ssh://[user@]host[:port] | emulated-pi4 | emulated-pi5 | qemu-cortex-m4 | qemu-cortex-m7
 
 ``resolve_target(spec, **options)`` turns the string into a ``Target``; options a target does not
 take are ignored (``config_file``/``remote_python``/``connect_timeout`` are SSH's,
@@ -13,6 +13,7 @@ import inspect
 from deploy.targets.base import RunConfig, RunRequest, Target
 from deploy.targets.emulated import EmulatedPi4Target, EmulatedPi5Target
 from deploy.targets.local import LocalTarget
+from deploy.targets.qemu_cortex_m import QemuCortexM4Target, QemuCortexM7Target
 from deploy.targets.ssh import SSH_FORM, SSHTarget
 from toolchain.errors import ConfigError
 from toolchain.registry import Registry
@@ -22,8 +23,10 @@ TARGETS.register("target.local", LocalTarget)
 TARGETS.register("target.ssh", SSHTarget)
 TARGETS.register("target.emulated_pi4", EmulatedPi4Target)
 TARGETS.register("target.emulated_pi5", EmulatedPi5Target)
+TARGETS.register("target.qemu_cortex_m4", QemuCortexM4Target)
+TARGETS.register("target.qemu_cortex_m7", QemuCortexM7Target)
 
-TARGET_FORMS = ("local", SSH_FORM, "emulated-pi4", "emulated-pi5")
+TARGET_FORMS = ("local", SSH_FORM, "emulated-pi4", "emulated-pi5", "qemu-cortex-m4", "qemu-cortex-m7")
 
 
 def target_key(spec: str) -> str:

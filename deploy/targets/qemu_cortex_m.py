@@ -1,0 +1,141 @@
+"""``qemu-cortex-m4`` / ``qemu-cortex-m7``: the model as bare-metal TFLM firmware on QEMU's MPS2 boards
+(mps2-an386 / mps2-an500), built with arm-none-eabi-gcc against the offline TFLM kit
+(``toolchain.firmware``).
+
+What is measured is an EMULATED INSTRUCTION COUNT per inference (QEMU ``-icount shift=0``), not
+cycles and not time. The runner-JSON fields the benchmark reads as latency (``latency_ms``) hold
+QEMU's *virtual* time, which under ``-icount shift=0`` is exactly 1 ns per emulated instruction;
+the counts themselves, flash and RAM are under ``firmware``. Each sample's count is deterministic,
+so ``runs``/``warmup`` do not apply: every sample of the inputs is run once.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+from deploy.targets.base import RunConfig, RunRequest, Target, temp_dir
+from toolchain.errors import ConfigError, DataError
+
+#: samples run when the benchmark passes no inputs (seeded random, no accuracy)
+RANDOM_SAMPLES = 4
+RANDOM_SEED = 0
+#: QEMU virtual time per emulated instruction under -icount shift=0
+VIRTUAL_NS_PER_INSTRUCTION = 1.0
+
+
+class QemuCortexMTarget(Target):
+    emulated = True
+    cpu: str = ""
+
+    def __init__(self, kernels: str = "cmsis-nn", quiet: bool = False):
+        from toolchain.firmware import KERNELS
+
+        if kernels not in KERNELS:
+            raise ConfigError(f"kernels {kernels!r} are not supported on {self.spec}; use one of {', '.join(KERNELS)}")
+        self.kernels = kernels
+        self.quiet = quiet
+
+    @property
+    def spec(self) -> str:
+        return f"qemu-cortex-{self.cpu}"
+
+    def info(self):
+        from toolchain.firmware import COUNT_LABEL, CPUS
+
+        return dict(super().info(), cpu=f"cortex-{self.cpu}", machine=CPUS[self.cpu][1], kernels=self.kernels,
+                    measures=COUNT_LABEL)
+
+    def check(self) -> None:
+        from toolchain.firmware.build import kit_dir, require_newlib, require_tool
+
+        kit_dir()
+        for program in ("make", "arm-none-eabi-g++", "qemu-system-arm"):
+            require_tool(program)
+        require_newlib()
+
+    def run(self, request: RunRequest, configs: Sequence[RunConfig],
+            on_result: Optional[Callable[[dict], None]] = None) -> List[dict]:
+        from toolchain.firmware import build_firmware, run_firmware
+
+        if request.artifact.suffix.lower() != ".tflite":
+            raise ConfigError(f"{request.artifact.name} cannot run on {self.spec}: the firmware takes an "
+                              "integer .tflite; export tflite-int8")
+        x, y = self._inputs(request)
+        results: List[dict] = []
+        work = temp_dir("toolchain-qemu-m-")
+        try:
+            build = build_firmware(request.artifact, x, cpu=self.cpu, kernels=self.kernels, out=work)
+            fw = run_firmware(build)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        doc = self._document(fw, y, request)
+        for config in configs:   # one deterministic firmware run answers every configuration
+            results.append(self.label(doc, request, config))
+            if on_result is not None:
+                on_result(results[-1])
+        return results
+
+    def _inputs(self, request: RunRequest):
+        from toolchain.firmware.project import write_firmware_project
+
+        if request.inputs is not None:
+            with np.load(request.inputs) as npz:
+                if "x" not in npz:
+                    raise DataError(f"{request.inputs} has no array 'x'; pass inputs saved by the benchmark")
+                return npz["x"], (npz["y"] if "y" in npz else None)
+        work = temp_dir("toolchain-qemu-spec-")
+        try:
+            spec = write_firmware_project(request.artifact, work).input
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        rng = np.random.default_rng(RANDOM_SEED)
+        shape = (RANDOM_SAMPLES,) + tuple(spec.shape[1:])
+        if spec.dtype == "float32":
+            return rng.standard_normal(shape).astype(np.float32), None
+        info = np.iinfo(spec.dtype)
+        return rng.integers(info.min, info.max + 1, size=shape).astype(spec.dtype), None
+
+    def _document(self, fw, y, request: RunRequest) -> dict:
+        from toolchain.firmware import kit_dir
+        from toolchain.firmware.build import kit_hash
+
+        counts = np.asarray(fw.instructions, dtype=np.float64)
+        virtual_ms = counts * VIRTUAL_NS_PER_INSTRUCTION / 1e6
+        pcts = {f"p{p}": round(float(np.percentile(virtual_ms, p)), 4) for p in (50, 90, 99)}
+        out = fw.build.project.output
+        scores = fw.outputs.reshape(len(fw.outputs), -1).astype(np.float64)
+        if out.dtype != "float32" and out.scale:
+            scores = (scores - out.zero_point) * out.scale
+        accuracy = None
+        if y is not None:
+            labels = np.asarray(y).reshape(len(y), -1)
+            labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0]
+            accuracy = round(float(np.mean(scores.argmax(1) == labels)), 6)
+        summary = fw.summary()
+        return {
+            "runs": len(counts), "warmup": 0,
+            "runtime": {"name": f"tflite-micro {self.kernels} firmware on QEMU {summary['machine']}",
+                        "version": f"kit {kit_hash(kit_dir())[:12]}"},
+            "latency_ms": dict(pcts, mean=round(float(virtual_ms.mean()), 4), min=round(float(virtual_ms.min()), 4),
+                               max=round(float(virtual_ms.max()), 4)),
+            "latency_kind": "QEMU virtual time at 1 ns per EMULATED INSTRUCTION (not device time)",
+            "throughput_per_s": round(1e3 / float(virtual_ms.mean()), 2),
+            "load_ms": round(fw.init_instructions * VIRTUAL_NS_PER_INSTRUCTION / 1e6, 4),
+            "peak_rss_mib": None,
+            "accuracy": accuracy, "accuracy_samples": None if y is None else int(len(y)),
+            "firmware": dict(summary, emulated_instructions=list(fw.instructions)),
+            **({"outputs": scores.tolist()} if request.include_outputs else {}),
+        }
+
+
+class QemuCortexM4Target(QemuCortexMTarget):
+    key = "target.qemu_cortex_m4"
+    cpu = "m4"
+
+
+class QemuCortexM7Target(QemuCortexMTarget):
+    key = "target.qemu_cortex_m7"
+    cpu = "m7"

@@ -1,0 +1,65 @@
+"""Shared by the firmware tests: skip without the Arm toolchain / QEMU / kit, build the TFLM
+library once per test session (M4, CMSIS-NN; cached under $TOOLCHAIN_CACHE_DIR/tflm)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from toolchain.errors import TargetUnavailableError
+
+
+def missing_tools() -> str:
+    from toolchain.firmware.build import kit_dir, require_newlib
+
+    for program, package in (("arm-none-eabi-gcc", "gcc-arm-none-eabi"), ("qemu-system-arm", "qemu-system-arm"),
+                             ("make", "make")):
+        if shutil.which(program) is None:
+            return f"{program} is not installed (apt-get install {package})"
+    try:
+        kit_dir()
+        require_newlib()
+    except TargetUnavailableError as e:
+        return str(e)
+    return ""
+
+
+MISSING = missing_tools()
+needs_firmware_tools = pytest.mark.skipif(bool(MISSING), reason=MISSING or "tools present")
+
+
+@pytest.fixture(scope="session")
+def tflm_m4_cmsis():
+    """libtflm.a for M4 + CMSIS-NN: built once (minutes), then taken from the cache."""
+    from toolchain.firmware import library
+
+    return library("m4", "cmsis-nn")
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_cnn(tmp_path_factory):
+    """A tiny int8 CNN (conv, depthwise, pool, dense, softmax) converted with full-integer
+    quantization, and float inputs for it."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential([
+        tf.keras.layers.Input((12, 12, 1)),
+        tf.keras.layers.Conv2D(6, 3, padding="same", activation="relu"),
+        tf.keras.layers.DepthwiseConv2D(3, activation="relu"),
+        tf.keras.layers.MaxPooling2D(2),
+        tf.keras.layers.Flatten(),
+        tf.keras.layers.Dense(5, activation="softmax"),
+    ])
+    x = rng.standard_normal((40, 12, 12, 1)).astype(np.float32)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([x[i:i + 1]] for i in range(len(x)))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    path = tmp_path_factory.mktemp("tiny") / "tiny_int8.tflite"
+    path.write_bytes(converter.convert())
+    return path, x[:8]
