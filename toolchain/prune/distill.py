@@ -26,8 +26,9 @@ error (no softmax, no temperature); the augmentations apply alike (the teacher l
 Scaling. The 48,000 steps are tuned on DS-CNN (prune + distil + export take about 11 minutes a
 seed on the reference machine, README); a MobileNetV1 at 96x96 would need about 5 hours for them. ``steps`` is therefore a cap: the first
 ``TIMING_STEPS`` steps are timed and the run is cut to ``time_budget_s`` (default
-``DEFAULT_TIME_BUDGET_S``, an hour: about 6x DS-CNN's distillation time there, so DS-CNN keeps its
-48,000 steps unless the machine is that much slower or busier). Training also stops early when the loss on a held-out slice of the
+``DEFAULT_TIME_BUDGET_S``, 15 minutes: about 1.6x DS-CNN's distillation time on the reference
+machine, so DS-CNN keeps its 48,000 steps unless the machine is that much slower or busier, while a
+MobileNetV1 at 96x96 is cut to what fits in a 30-minute compress). Training also stops early when the loss on a held-out slice of the
 calibration samples (``holdout``) has not improved for ``patience`` evaluations. Patience is
 generous on purpose (12 evaluations of 1/48 of the run = a quarter of it): under the cosine
 schedule the held-out loss of DS-CNN keeps falling to the end, and a run that reaches its last step
@@ -45,8 +46,9 @@ from toolchain.recipe import DEFAULT_RECIPE
 
 #: steps timed (after the first, which traces the graph) to estimate the run's duration
 TIMING_STEPS = 50
-#: default wall-clock budget of one distillation run, seconds (the step cap still applies)
-DEFAULT_TIME_BUDGET_S = 3600.0
+#: default wall-clock budget of one distillation run, seconds (the step cap still applies); the
+#: recipe's ``prune.distill_time_budget_s``
+DEFAULT_TIME_BUDGET_S = float(DEFAULT_RECIPE["prune"]["distill_time_budget_s"])
 #: a time-budgeted step count is rounded down to a multiple of this (when larger)
 STEP_ROUNDING = 1000
 #: never fewer steps than this, whatever the budget
