@@ -138,8 +138,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RecursionError:
         if args.debug:
             raise
-        print("error: an input file is nested too deeply to read (hostile or corrupt JSON/YAML "
-              "config?); check the model, recipe, bit plan and thresholds files", file=sys.stderr)
+        given = [str(getattr(args, a)) for a in ("model", "artifact", "recipe", "bitplan", "thresholds", "check")
+                 if isinstance(getattr(args, a, None), str)]
+        print(f"error: an input ({', '.join(given) or 'a config file'}) is nested too deeply to read: a "
+              "hostile or corrupt JSON/YAML config; pass a file the toolchain or Keras wrote", file=sys.stderr)
         return 2
     except OSError as e:  # ENOSPC, EACCES, EBUSY, ENOENT on the user's paths
         if args.debug:

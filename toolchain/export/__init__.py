@@ -247,6 +247,8 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
             progress.close()
         report: VerifyReport = verify(list(staged.values()), model, dataset, thresholds=thresholds,
                                       samples=verify_samples, quiet=quiet)
+        # artifact paths relative to the output, not the random staging folder: identical runs, identical files
+        report = replace(report, checks=tuple(replace(c, path=Path(c.path).name) for c in report.checks))
         mcu = None
         if MCU in requested:
             from toolchain.export.mcu import write_mcu_bundle
