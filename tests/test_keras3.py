@@ -14,7 +14,7 @@ from toolchain.errors import ModelLoadError
 from toolchain.model_io import file_sha256, load_model
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "keras3"
-FAMILIES = ("cnn_bn", "dsconv_residual", "mlp", "conv1d", "sequential", "autoencoder")
+FAMILIES = ("cnn_bn", "dsconv_residual", "mlp", "conv1d", "sequential", "autoencoder", "layer_zoo")
 #: float32 outputs of two frameworks (jax vs TensorFlow kernels) for the same weights
 ATOL = 1e-5
 
@@ -107,6 +107,15 @@ def test_keras3_layer_option_tf_keras_lacks_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match=r"dense.*\(Dense\).*lora_rank") as err:
         load_model(path)
     assert "model.save" not in str(err.value)
+
+
+def test_keras3_data_format_tf_keras_cannot_follow_is_named(tmp_path):
+    def change(config):  # tf.keras 2.14's ZeroPadding1D pads channels_last only
+        _layer(config, "ZeroPadding1D")["config"]["data_format"] = "channels_first"
+
+    path = _rewrite_config(FIXTURES / "layer_zoo.keras", tmp_path / "cf.keras", change)
+    with pytest.raises(ModelLoadError, match=r"zero_padding1d \(ZeroPadding1D\).*data_format"):
+        load_model(path)
 
 
 def test_keras3_weights_that_do_not_fit_are_refused(tmp_path):

@@ -35,6 +35,9 @@ from toolchain.errors import ModelLoadError
 #: when they hold these values (None: any value)
 HARMLESS_KEYS = {"optional": None, "quantization_config": None, "lora_rank": (None, 0), "lora_alpha": None,
                  "synchronized": (False,), "gradient_checkpointing": None}
+#: keys some tf.keras 2.14 layers lack (ZeroPadding1D's data_format) where the value is the only
+#: behaviour tf.keras has; dropped only for a layer that does not accept them
+IMPLIED_KEYS = {"data_format": ("channels_last",)}
 #: keys of a serialized initializer's config that tf.keras 2.14 does not know
 _INITIALIZER_DROP = ("input_axes", "output_axes")
 
@@ -172,6 +175,9 @@ def _layer(layer: dict) -> dict:
             cfg.pop(key)
     accepted = _accepted_keys(cls)
     if accepted is not None:
+        for key, allowed in IMPLIED_KEYS.items():
+            if key in cfg and key not in accepted and cfg[key] in allowed:
+                cfg.pop(key)
         unknown = sorted(k for k in cfg if k not in accepted - {"self", "args", "kwargs"})
         if unknown:
             raise ModelLoadError(

@@ -8,7 +8,9 @@ run this in a side environment, never the project's .venv:
 
     python3.11 -m venv /tmp/k3venv
     /tmp/k3venv/bin/pip install keras==3.15.1 jax jaxlib scipy h5py numpy scikit-learn
-    KERAS_BACKEND=jax /tmp/k3venv/bin/python tests/data/keras3/make_fixtures.py
+    KERAS_BACKEND=jax /tmp/k3venv/bin/python tests/data/keras3/make_fixtures.py [family ...]
+
+(no family names: all of them; naming some rewrites only those files)
 
 (The files committed here were written by keras 3.15.1 on the jax 0.10.2 CPU backend.) Training is
 seeded; BatchNormalization's moving statistics are trained, so a loader that drops or misorders any
@@ -16,12 +18,14 @@ variable changes the outputs. Inputs: (8, 8, 1) images, (64,) vectors, or (8, 8)
 digit's rows as 8 time steps) for the Conv1D model.
 """
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
-import keras
-from keras import layers
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before keras is imported, or it picks its default
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
 
 OUT = Path(__file__).resolve().parent
 SAMPLES = 4
@@ -81,7 +85,24 @@ def autoencoder():
     return keras.Model(inp, layers.Dense(64)(x), name="autoencoder")
 
 
-FAMILIES = {f.__name__: f for f in (cnn_bn, dsconv_residual, mlp, conv1d, sequential, autoencoder)}
+def layer_zoo():
+    """The remaining supported layers: padding, separable conv, average/max pooling in 1-D and 2-D,
+    Concatenate, Reshape and a Softmax layer."""
+    inp = keras.Input((8, 8, 1))
+    x = layers.ZeroPadding2D(1)(inp)
+    x = layers.SeparableConv2D(16, 3, activation="relu")(x)
+    x = layers.AveragePooling2D(2)(x)
+    x = layers.Concatenate()([layers.GlobalMaxPooling2D()(x), layers.GlobalAveragePooling2D()(x)])
+    x = layers.Reshape((8, 4))(x)
+    x = layers.ZeroPadding1D(1)(x)
+    x = layers.Conv1D(16, 3, activation="relu")(x)
+    x = layers.AveragePooling1D(2)(x)
+    x = layers.GlobalMaxPooling1D()(x)
+    x = layers.Dense(10)(x)
+    return keras.Model(inp, layers.Softmax()(x), name="layer_zoo")
+
+
+FAMILIES = {f.__name__: f for f in (cnn_bn, dsconv_residual, mlp, conv1d, sequential, autoencoder, layer_zoo)}
 
 
 def digits():
@@ -93,9 +114,10 @@ def digits():
     return train_test_split(x, bunch.target.astype("int64"), test_size=0.25, random_state=0, stratify=bunch.target)
 
 
-def main() -> None:
+def main(names) -> None:
     x_train, x_eval, y_train, y_eval = digits()
-    for name, build in FAMILIES.items():
+    for name in names or FAMILIES:
+        build = FAMILIES[name]
         keras.utils.set_random_seed(0)
         model = build()
         shape = tuple(model.input_shape[1:])
@@ -118,5 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    main()
+    main(sys.argv[1:])
