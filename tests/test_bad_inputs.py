@@ -239,6 +239,10 @@ CASES = {
     "bench timeout nan": ("bench --artifact {d}/model.tflite --timeout nan --out {out}", "--timeout"),
     "bench timeout inf": ("bench --artifact {d}/model.tflite --timeout inf --out {out}", "--timeout"),
     "bench timeout negative": ("bench --artifact {d}/model.tflite --timeout -1 --out {out}", "--timeout"),
+    "train into /usr": ("train --arch digits_cnn --data digits --epochs 1 --out /usr/lib/model.keras",
+                        "system directory /usr"),
+    "train onto a directory": ("train --arch digits_cnn --data digits --epochs 1 --out {d}/good_savedmodel",
+                               "not a regular file"),
     "unknown architecture": ("train --arch resnet1000 --data digits --epochs 1 --out {out}.keras", "resnet1000"),
     "bad train output suffix": ("train --arch digits_cnn --data digits --epochs 1 --out {out}.txt", ".txt"),
 }
@@ -447,3 +451,26 @@ def test_identical_runs_write_identical_files(files, tmp_path, capsys):
     differ = [str(n) for n in first if first[n] != second[n]]
     assert not differ, differ
     assert b".partial-" not in first[Path("verify.json")] and b".partial-" not in first[Path("export.json")]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 16 KiB tmpfs: the disk fills up during the run (needs root and mount permission)."""
+    disk = tmp_path / "tiny"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root with mount permission)")
+    yield disk
+    subprocess.run(["umount", str(disk)])
+
+
+def test_full_disk_during_export_is_one_line(files, tiny_disk, capsys):
+    out = tiny_disk / "o"
+    code = main(f"export --model {files}/good.keras --data digits --formats tflite-fp32,onnx-fp32 "
+                f"--verify-samples 20 --quiet --out {out}".split())
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = [l for l in lines if not PROGRESS_LINE.search(l)]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    assert "No space left" in err[0] or "space" in err[0], err[0]
+    assert not out.exists() and not _stray_staging(tiny_disk)

@@ -166,13 +166,15 @@ def _one_line(e: BaseException, limit: int = MAX_MESSAGE_CHARS) -> str:
 def _check_paths(args) -> None:
     """Before any work: input paths must be files or directories (a FIFO would hang the loader),
     and ``--out`` must not replace an input, ``/``, the working directory or a system directory."""
-    from toolchain.outdir import check_artifact_name, check_output_dir
+    from toolchain.outdir import check_artifact_name, check_output_dir, check_output_file
     from toolchain.paths import check_command_inputs
 
     inputs = check_command_inputs(args)
     check_artifact_name(getattr(args, "name", None))
     out = getattr(args, "out", None)
-    if isinstance(out, str) and args.command != "train":  # train's --out is a model file
+    if isinstance(out, str) and args.command == "train":  # train's --out is a model file
+        check_output_file(out)
+    elif isinstance(out, str):
         check_output_dir(out, inputs=inputs)
 
 

@@ -80,6 +80,19 @@ def check_output_dir(out: str | os.PathLike, inputs: Iterable[Optional[str | os.
     return out
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """A single output file (``train --out model.keras``): not in a system directory, not a
+    directory, FIFO or device."""
+    real = _real(path)
+    for system in SYSTEM_DIRS:
+        if _within(real, Path(system)):
+            raise ConfigError(f"--out {path} is inside the system directory {system}; "
+                              "pass a file of your own such as --out models/model.keras")
+    if real.exists() and not real.is_file():
+        raise ConfigError(f"--out {path} exists and is not a regular file; pass a new file name")
+    return Path(path)
+
+
 def check_artifact_name(name: Optional[str]) -> Optional[str]:
     """``--name`` is a plain file name: the artifacts must land inside ``--out``."""
     if name is None:

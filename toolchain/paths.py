@@ -38,7 +38,7 @@ def check_command_inputs(args) -> list:
     file); return them for ``check_output_dir(out, inputs=...)``."""
     inputs = []
     for attr, what, error in (("model", "model", ModelLoadError), ("artifact", "artifact", ModelLoadError),
-                              ("recipe", "recipe", ConfigError), ("bitplan", "bit plan", ConfigError),
+                              ("recipe", "recipe", ConfigError), ("check", "recipe", ConfigError), ("bitplan", "bit plan", ConfigError),
                               ("thresholds", "thresholds file", ConfigError)):
         value = getattr(args, attr, None)
         if isinstance(value, str) and value:
