@@ -104,11 +104,11 @@ def _runs(runtime, data: bytes, arena: int, x_q: np.ndarray) -> bool:
         return False
 
 
-def min_arena(data: bytes, x_q: np.ndarray, upper: Optional[int] = None, name: str = "the MCU bundle's model") -> int:
-    """Smallest arena (a multiple of 16 bytes) with which tflite-micro allocates and invokes.
-
-    tflite-micro can crash natively (SIGSEGV) on a too-small arena for some models, so the search
-    runs in a child process; a crash there becomes a ``ConversionError`` naming ``name`` and the signal."""
+def _in_child(func: str, data: bytes, x: np.ndarray, params: dict, name: str):
+    """Run ``func(data, x, **params)`` of this module in a child Python (``-I``: the user's working
+    directory stays off its import path) and return its JSON result and ``out.npy`` (if written).
+    tflite-micro can crash natively (SIGSEGV on a too-small arena for some models); a crash there
+    becomes a ``ConversionError`` naming ``name`` and the signal instead of killing the toolchain."""
     import json
     import signal
     import subprocess
@@ -118,36 +118,44 @@ def min_arena(data: bytes, x_q: np.ndarray, upper: Optional[int] = None, name: s
     _runtime()  # a missing package is a ConfigError here, not a child's traceback
     pkg_root = str(Path(__file__).resolve().parents[2])
     code = ("import sys, json, numpy as np; sys.path.insert(0, sys.argv[1]); "
-            "from toolchain.export.micro import _min_arena_here; d = sys.argv[2]; "
-            "u = json.load(open(d + '/upper.json')); "
-            "print(json.dumps(_min_arena_here(open(d + '/model.tflite', 'rb').read(), np.load(d + '/x.npy'), u)))")
+            "from toolchain.export import micro; d = sys.argv[2]; "
+            "r = getattr(micro, sys.argv[3])(open(d + '/model.tflite', 'rb').read(), np.load(d + '/x.npy'), "
+            "out_path=d + '/out.npy', **json.load(open(d + '/params.json'))); print(json.dumps(r))")
     with tempfile.TemporaryDirectory(prefix="toolchain-micro-") as job:
         Path(job, "model.tflite").write_bytes(data)
-        np.save(os.path.join(job, "x.npy"), x_q)
-        Path(job, "upper.json").write_text(json.dumps(upper))
+        np.save(os.path.join(job, "x.npy"), x)
+        Path(job, "params.json").write_text(json.dumps(params))
         try:
-            proc = subprocess.run([sys.executable, "-I", "-c", code, pkg_root, job], cwd=job,
+            proc = subprocess.run([sys.executable, "-I", "-c", code, pkg_root, job, func], cwd=job,
                                   capture_output=True, text=True, timeout=MICRO_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            raise ConversionError(f"tflite-micro did not finish the arena search for {name} within "
-                                  f"{MICRO_TIMEOUT_S:g} s; the model is too large for a microcontroller") from None
-    if proc.returncode < 0:
-        try:
-            sig = signal.Signals(-proc.returncode).name
-        except ValueError:
-            sig = f"signal {-proc.returncode}"
-        raise ConversionError(f"tflite-micro crashed ({sig}) while allocating {name}; the model uses an operator "
-                              "or shape tflite-micro cannot run: drop mcu from the formats")
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        if "ConversionError" in tail:
-            raise ConversionError(tail.split("ConversionError: ", 1)[-1])
-        raise ConversionError(f"tflite-micro failed while allocating {name} ({tail[:200]}); drop mcu from the formats")
-    return int(json.loads(lines[-1]))
+            raise ConversionError(f"tflite-micro did not finish with {name} within {MICRO_TIMEOUT_S:g} s; "
+                                  "the model is too large for a microcontroller: drop mcu from the formats") from None
+        if proc.returncode < 0:
+            try:
+                sig = signal.Signals(-proc.returncode).name
+            except ValueError:
+                sig = f"signal {-proc.returncode}"
+            raise ConversionError(f"tflite-micro crashed ({sig}) while allocating {name}; the model uses an "
+                                  "operator or shape tflite-micro cannot run: drop mcu from the formats")
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            if "ConversionError: " in tail:
+                raise ConversionError(tail.split("ConversionError: ", 1)[1])
+            raise ConversionError(f"tflite-micro failed on {name} ({tail[:200]}); drop mcu from the formats")
+        out = Path(job, "out.npy")
+        return json.loads(lines[-1]), (np.load(out) if out.exists() else None)
 
 
-def _min_arena_here(data: bytes, x_q: np.ndarray, upper: Optional[int] = None) -> int:
+def min_arena(data: bytes, x_q: np.ndarray, upper: Optional[int] = None, name: str = "the MCU bundle's model") -> int:
+    """Smallest arena (a multiple of 16 bytes) with which tflite-micro allocates and invokes (the
+    search runs in a child process, see :func:`_in_child`)."""
+    result, _ = _in_child("_min_arena_here", data, x_q, {"upper": upper}, name)
+    return int(result)
+
+
+def _min_arena_here(data: bytes, x_q: np.ndarray, upper: Optional[int] = None, out_path: str = "") -> int:
     """The arena bisection itself (runs in :func:`min_arena`'s child process)."""
     runtime = _runtime()
     hi = int(upper or len(data) * 10)
@@ -170,17 +178,35 @@ def _min_arena_here(data: bytes, x_q: np.ndarray, upper: Optional[int] = None) -
 
 
 def check_in_micro(data: bytes, x: np.ndarray, y: Optional[np.ndarray] = None,
-                   samples: int = DEFAULT_SAMPLES, reference: Optional[bytes] = None) -> MicroCheck:
+                   samples: int = DEFAULT_SAMPLES, reference: Optional[bytes] = None,
+                   name: str = "the MCU bundle's model") -> MicroCheck:
     """Run ``data`` (an integer-I/O ``.tflite``) in tflite-micro on the first ``samples`` float
     inputs of ``x`` and compare with TFLite's interpreter on ``reference`` (the artifact the bundle
     was made from; default: the same bytes)."""
     from toolchain.export.tflite_backend import TfliteRunner
 
-    runtime = _runtime()
     n = min(int(samples), len(x))
     if n == 0:
         raise ConversionError("no samples to check the MCU bundle in tflite-micro; give an evaluation split")
     x = np.asarray(x[:n], dtype=np.float32)
+    info, micro = _in_child("_run_micro_here", data, x, {}, name)
+    out_scale, arena = info["out_scale"], info["arena"]
+    ref = TfliteRunner(reference if reference is not None else data)(x).reshape(n, -1)
+    steps = int(np.round(np.abs(micro - ref).max() / out_scale)) if out_scale > 0 else 0
+    agreement = float((micro.argmax(-1) == ref.argmax(-1)).mean())
+    if agreement < MIN_AGREEMENT:
+        raise ConversionError(f"the MCU bundle's model gives a different top-1 in tflite-micro than in TFLite on "
+                              f"{1 - agreement:.0%} of {n} samples (largest output difference {steps} steps); "
+                              "a kernel runs differently on a microcontroller: check the graph's operators")
+    acc = lambda p: None if y is None else float((p.argmax(-1) == np.asarray(y[:n])).mean())  # noqa: E731
+    return MicroCheck(_version(), n, agreement, steps, acc(micro), acc(ref), arena)
+
+
+def _run_micro_here(data: bytes, x: np.ndarray, out_path: str) -> dict:
+    """In :func:`check_in_micro`'s child process: run every float sample of ``x`` through
+    tflite-micro (quantized with the model's input parameters), save the dequantized outputs to
+    ``out_path`` and return the output scale and the smallest arena."""
+    runtime = _runtime()
     try:
         interp = runtime.Interpreter.from_bytes(data)
     except RuntimeError as e:
@@ -199,18 +225,9 @@ def check_in_micro(data: bytes, x: np.ndarray, y: Optional[np.ndarray] = None,
     x_q = np.clip(np.round(x / in_scale) + in_zp, info.min, info.max).astype(in_dtype)
     shape = tuple(int(d) for d in ind["shape"])
     outs = []
-    for i in range(n):
+    for i in range(len(x)):
         interp.set_input(x_q[i:i + 1].reshape(shape), 0)
         interp.invoke()
         outs.append(np.array(interp.get_output(0), dtype=np.float32).reshape(-1))
-    micro = (np.stack(outs) - out_zp) * out_scale
-    ref = TfliteRunner(reference if reference is not None else data)(x).reshape(n, -1)
-    steps = int(np.round(np.abs(micro - ref).max() / out_scale)) if out_scale > 0 else 0
-    agreement = float((micro.argmax(-1) == ref.argmax(-1)).mean())
-    if agreement < MIN_AGREEMENT:
-        raise ConversionError(f"the MCU bundle's model gives a different top-1 in tflite-micro than in TFLite on "
-                              f"{1 - agreement:.0%} of {n} samples (largest output difference {steps} steps); "
-                              "a kernel runs differently on a microcontroller: check the graph's operators")
-    arena = min_arena(data, x_q[:1].reshape(shape))
-    acc = lambda p: None if y is None else float((p.argmax(-1) == np.asarray(y[:n])).mean())  # noqa: E731
-    return MicroCheck(_version(), n, agreement, steps, acc(micro), acc(ref), arena)
+    np.save(out_path, (np.stack(outs) - out_zp) * out_scale)
+    return {"out_scale": out_scale, "arena": _min_arena_here(data, x_q[:1].reshape(shape))}
