@@ -356,16 +356,19 @@ def _clean_stale_jobs() -> None:
 
 
 def _die_with_parent(parent_pid: int):
-    """``preexec_fn``: the kernel SIGKILLs the worker when the toolchain process dies (Linux)."""
-    def preexec():
-        try:
-            import ctypes
-            import signal
+    """``preexec_fn``: the kernel SIGKILLs the worker when the toolchain process dies (Linux).
+    Everything is looked up before the fork: the child of a threaded process must not import."""
+    try:
+        import ctypes
+        import signal
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # not Linux: the worker still ends with its job
-            return
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        sigkill = int(signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker still ends with its job
+        return None
+
+    def preexec():
+        prctl(1, sigkill, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
     return preexec
