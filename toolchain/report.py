@@ -124,10 +124,14 @@ def sections(summary: Mapping) -> List[dict]:
         if micro:
             acc = "–" if micro["micro_accuracy"] is None else f"{micro['micro_accuracy']:.2%}"
             tfl = "–" if micro["tflite_accuracy"] is None else f"{micro['tflite_accuracy']:.2%}"
+            if summary.get("task", "classification") == "classification":
+                agree = (f"accuracy {acc} (TFLite on the same samples: {tfl}), top-1 agreement with TFLite "
+                         f"{micro['top1_agreement']:.1%}")
+            else:
+                agree = f"outputs within {micro['max_abs_diff_steps']} output quantization step(s) of TFLite's"
             text = (
                 f"The MCU bundle's model, run in tflite-micro {micro['version']} (its reference kernels, on this "
-                f"host) on the first {micro['samples']} evaluation samples: accuracy {acc} (TFLite on the same "
-                f"samples: {tfl}), top-1 agreement with TFLite {micro['top1_agreement']:.1%}, smallest arena "
+                f"host) on the first {micro['samples']} evaluation samples: {agree}, smallest arena "
                 f"that runs {micro['arena_min_bytes']:,} B (64-bit host; the MCU arena column is the larger of "
                 "this and the estimate).")
         # only the columns some artifact has: a regressor shows no accuracy, a classifier no MSE
@@ -171,10 +175,20 @@ def sections(summary: Mapping) -> List[dict]:
         if dist:
             steps = pr.get("steps") or []
             pruned_acc = steps[-1].get("accuracy") if steps else None
-            dist_text = (f" Knowledge distillation from the original model: {dist['config']['steps']} steps at "
-                         f"temperature {dist['config']['temperature']:g} on augmented calibration samples; "
-                         f"top-1 agreement with the original on the calibration samples "
-                         f"{dist['agreement_before']:.1%} → {dist['agreement_after']:.1%}"
+            run = dist.get("steps_run", dist["config"]["steps"])
+            why = {"cap": "the recipe's cap", "time_budget": "the time budget", "early_stop":
+                   "early stop: the held-out calibration samples stopped improving"}.get(dist.get("stop_reason"), "")
+            if dist.get("agreement_before") is not None:
+                closeness = (f"top-1 agreement with the original on the calibration samples "
+                             f"{dist['agreement_before']:.1%} → {dist['agreement_after']:.1%}")
+            else:
+                closeness = (f"MSE to the original's outputs on the calibration samples "
+                             f"{dist['teacher_mse_before']:.4g} → {dist['teacher_mse_after']:.4g}")
+            dist_text = (f" Knowledge distillation from the original model: {run} steps"
+                         + (f" ({why}; cap {dist['config']['steps']})" if why and run != dist["config"]["steps"] else "")
+                         + (f" at temperature {dist['config']['temperature']:g}" if dist.get("agreement_before") is not None
+                            else " matching outputs by MSE")
+                         + f" on augmented calibration samples; {closeness}"
                          + (f" (evaluation accuracy before distillation {pruned_acc:.2%})." if pruned_acc is not None
                             else "."))
         out.append({"title": "Pruning", "text": f"{pr['criterion']} criterion, {pr['granularity']} granularity, "

@@ -18,10 +18,11 @@ def add_parser(sub):
 def run(args) -> int:
     from toolchain.compress import run_compress
 
+    task = getattr(args, "task", None)
     result = run_compress(args.model, args.data, args.out, args.recipe, args.target, args.trust_model,
-                          args.data_dir, quiet=args.quiet or args.json)
+                          args.data_dir, quiet=args.quiet or args.json, task=None if task == "auto" else task)
     if args.json:
-        print(json.dumps({"out": str(result.out_dir), "headline": result.headline,
+        print(json.dumps({"out": str(result.out_dir), "headline": result.headline, "task": result.summary.get("task"),
                           "artifacts": result.summary.get("artifacts", []),
                           "fidelity": result.summary.get("fidelity")}, indent=2, default=str))
         return 0
