@@ -174,3 +174,16 @@ def test_guard_compares_artifacts_with_the_original_model(digits_model, tmp_path
     assert row["accuracy_change"] < -0.05
     report = (out / "report.md").read_text()
     assert "vs original (points)" in report and f"{row['accuracy_change'] * 100:+.1f}" in report
+
+
+def test_stage_lines_label_each_stage_duration_and_the_total(capsys):
+    from toolchain.compress import _Progress
+
+    progress = _Progress(quiet=False)
+    progress.stage("relevance", "lrp.epsilon on 10 samples")
+    progress.stage("prune", "relevance / filter")
+    progress.done()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("[1/7] relevance: lrp.epsilon on 10 samples (") and "elapsed)" in lines[0]
+    assert lines[1].startswith("[2/7] prune: relevance / filter (relevance took ") and "s elapsed)" in lines[1]
+    assert lines[2].startswith("done (prune took ")

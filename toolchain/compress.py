@@ -46,17 +46,31 @@ class CompressResult:
 
 
 class _Progress:
-    """Stage lines on stderr ("[2/7] prune: ..."), silent when quiet."""
+    """Stage lines on stderr, silent when quiet: ``[2/7] prune: ... (relevance took 12 s; 14 s
+    elapsed)``: each line names the stage that just finished with its own duration, and the total."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
-        self.t0 = time.perf_counter()
+        self.t0 = self.t_stage = time.perf_counter()
+        self.current: Optional[str] = None
+
+    def _timing(self) -> str:
+        now = time.perf_counter()
+        done = f"{self.current} took {now - self.t_stage:.0f} s; " if self.current else ""
+        self.t_stage = now
+        return f"({done}{now - self.t0:.0f} s elapsed)"
 
     def stage(self, name: str, text: str) -> None:
+        timing = self._timing()
+        self.current = name
         if not self.quiet:
             i = STAGES.index(name) + 1
-            print(f"[{i}/{len(STAGES)}] {name}: {text} ({time.perf_counter() - self.t0:.0f} s)",
-                  file=sys.stderr, flush=True)
+            print(f"[{i}/{len(STAGES)}] {name}: {text} {timing}", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        timing = self._timing()
+        if not self.quiet:
+            print(f"done {timing}", file=sys.stderr, flush=True)
 
 
 def library_versions() -> Dict[str, str]:
@@ -330,6 +344,7 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
         from toolchain.report import write_report
 
         write_report(summary, stage)
+    progress.done()
     if input_hash is not None and file_sha256(model_path) != input_hash:  # pragma: no cover - a guard
         raise ConfigError(f"the input model {model_path} changed during the run; it must be read-only to us")
     return CompressResult(out_dir, summary)
