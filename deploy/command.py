@@ -2,7 +2,8 @@
 import argparse
 import json
 
-from toolchain.cli import add_common, finite_seconds, positive_int
+from toolchain.cli import add_common, bounded_int, finite_seconds, positive_int
+from toolchain.recipe import MAX_RUNS, MAX_THREADS
 
 
 def _int_list(text: str):
@@ -11,8 +12,8 @@ def _int_list(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, "
                                          "e.g. 1,2") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r} must list positive integers, e.g. 1,2")
+    if not values or any(not 1 <= v <= MAX_THREADS for v in values):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} must list integers in [1, {MAX_THREADS}], e.g. 1,2")
     return tuple(values)
 
 
@@ -41,10 +42,10 @@ def add_parser(sub):
     p.add_argument("--target", default="local",
                    help="local (default), ssh://[user@]host[:port] (or ssh://ALIAS from "
                         "~/.ssh/config), emulated-pi4 or emulated-pi5")
-    p.add_argument("--runs", type=positive_int, default=DEFAULT_RUNS,
+    p.add_argument("--runs", type=bounded_int(1, MAX_RUNS), default=DEFAULT_RUNS,
                    help=f"timed single-sample inferences per configuration (default "
                         f"{DEFAULT_RUNS})")
-    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+    p.add_argument("--warmup", type=bounded_int(0, MAX_RUNS), default=DEFAULT_WARMUP,
                    help=f"untimed inferences first (default {DEFAULT_WARMUP})")
     p.add_argument("--threads", type=_int_list, default=(1,),
                    help="runtime threads, comma-separated (default 1), e.g. 1,2")

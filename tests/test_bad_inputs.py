@@ -243,6 +243,9 @@ CASES = {
                         "system directory /usr"),
     "train onto a directory": ("train --arch digits_cnn --data digits --epochs 1 --out {d}/good_savedmodel",
                                "not a regular file"),
+    "bench runs 10**12": ("bench --artifact {d}/model.tflite --runs 1000000000000 --out {out}", "--runs"),
+    "bench threads 100000": ("bench --artifact {d}/model.tflite --threads 100000 --out {out}", "--threads"),
+    "train epochs 10**9": ("train --arch digits_cnn --data digits --epochs 1000000000 --out {out}.keras", "--epochs"),
     "unknown architecture": ("train --arch resnet1000 --data digits --epochs 1 --out {out}.keras", "resnet1000"),
     "bad train output suffix": ("train --arch digits_cnn --data digits --epochs 1 --out {out}.txt", ".txt"),
 }

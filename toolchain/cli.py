@@ -45,6 +45,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def bounded_int(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi] (the recipe's bounds, e.g. ``MAX_RUNS``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} must be an integer in [{lo}, {hi}]")
+        return value
+    return parse
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)

@@ -1,7 +1,8 @@
 """``toolchain train``: train a zoo architecture on a dataset and save it."""
 import json
 
-from toolchain.cli import add_common, positive_int
+from toolchain.cli import add_common, bounded_int, positive_int
+from toolchain.recipe import MAX_EPOCHS
 
 
 def add_parser(sub):
@@ -9,7 +10,7 @@ def add_parser(sub):
     p.add_argument("--arch", required=True, help="architecture; `toolchain list models` lists them")
     p.add_argument("--data", required=True, help="dataset spec")
     p.add_argument("--data-dir", help="where cached Keras datasets live")
-    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--epochs", type=bounded_int(1, MAX_EPOCHS), default=10)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="model file to write (.keras or .h5)")
