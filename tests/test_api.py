@@ -25,3 +25,18 @@ def test_docs_example_runs_and_leaves_the_callers_objects_alone(tmp_path, monkey
     accuracy = float((model.predict(x_test, verbose=0).argmax(1) == y_test).mean())
     assert accuracy == result.summary["original"]["accuracy"]
     assert np.array_equal(scope["x"].max(), 1.0) and scope["x_train"].flags.writeable
+
+
+def test_library_callers_cannot_write_over_their_inputs(tmp_path):
+    """The output checks hold for Python callers too, not only for the CLI."""
+    import pytest
+
+    from toolchain.compress import run_compress
+    from toolchain.errors import ConfigError
+
+    model = tmp_path / "models" / "m.keras"
+    model.parent.mkdir()
+    model.write_bytes(b"not read: the output check comes first")
+    with pytest.raises(ConfigError):
+        run_compress(str(model), "digits", str(tmp_path / "models"))
+    assert model.read_bytes() == b"not read: the output check comes first"

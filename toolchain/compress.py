@@ -233,7 +233,10 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
     if target is not None:
         recipe = validate({**recipe, "bench": {**recipe["bench"], "target": target}}, "recipe (--target)")
     parse_formats(recipe["export"]["formats"])
-    out_dir = check_output_dir(out)
+    # the output must never be (or hold) what this run reads, also when called from Python
+    data_file = data_spec.split(":", 1)[1].split("?", 1)[0] if ":" in data_spec else None
+    out_dir = check_output_dir(out, inputs=[model_path, data_file,
+                                            recipe_path if isinstance(recipe_path, (str, Path)) else None])
     progress = _Progress(quiet)
     input_hash = file_sha256(model_path) if Path(model_path).exists() else None
     task = task or (None if recipe["task"] == "auto" else recipe["task"])

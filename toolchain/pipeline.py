@@ -78,7 +78,7 @@ def run_relevance(model_path: str, data_spec: str, out: str, rule: str, samples:
     from toolchain.relevance.plots import plot_heatmaps, plot_layer_distributions
 
     RULES.get(rule)  # unknown rule: fail before loading anything
-    check_output_dir(out)
+    check_output_dir(out, inputs=[model_path, data_spec.split(":", 1)[1] if ":" in data_spec else None])
     model, dataset = load_inputs(model_path, data_spec, samples, trust_model, data_dir)
     x, y = dataset.calibration(samples)
     rmap = compute_relevance(model, x, y, rule=rule, class_selection=class_selection,
