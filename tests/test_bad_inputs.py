@@ -253,10 +253,6 @@ CASES = {
 
 #: cases whose fix lies in another engineer's file: (owner, what is missing); strict xfail
 OWNED_ELSEWHERE = {
-    "bit plan is a list": "quantize/bitplan.py (owner: quantize): BitPlan.load of a JSON list raises "
-                          "AttributeError (printed as a toolchain bug, exit 1) instead of a ConfigError",
-    "dynamic input to int8 + mcu": "export/mcu (owner: export): a (None, None, 3) input reaches TFLite's "
-                                   "allocator (RuntimeError, exit 1) instead of a ConversionError naming the input",
 }
 CASES.update({
     "bit plan is a list": ("export --model {d}/good.keras --data digits --bitplan {d}/list_bitplan.json "

@@ -215,6 +215,14 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
         bitplan.check_against(model)
     if MCU in requested and mcu_source not in MCU_SOURCES:
         raise ConfigError(f"mcu_source {mcu_source!r} cannot feed the MCU bundle; use one of {', '.join(MCU_SOURCES)}")
+    fixed = [f for f in requested if f == MCU or FORMATS.get(f.replace("-", ".")).calibrated]
+    if fixed and any(d is None for d in tuple(model.input_shape)[1:]):
+        from toolchain.errors import ConversionError
+
+        raise ConversionError(
+            f"model {model.name!r} takes inputs of shape {tuple(model.input_shape)[1:]} with unknown sizes, but "
+            f"{', '.join(fixed)} need a fixed input size (integer kernels and the microcontroller's static "
+            f"arena are planned for one shape); rebuild the model with a fixed Input shape, e.g. Input((96, 96, 3))")
     builds = [f for f in requested if f != MCU]
     if MCU in requested and mcu_source not in builds:
         builds.append(mcu_source)

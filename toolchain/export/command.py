@@ -82,9 +82,14 @@ def run_export(model_path: str, data_spec: str, formats: str, out: str, bitplan_
     plan = BitPlan.load(bitplan_path) if bitplan_path else None
     thresholds = load_thresholds(thresholds_path)
     model, dataset = load_inputs(model_path, data_spec, None, trust_model, data_dir)
-    return export(model, dataset, fmts, out, bitplan=plan, io=io, calibration_samples=calibration_samples,
-                  thresholds=thresholds, verify_samples=verify_samples, name=name, mcu_source=mcu_source,
-                  onnx_opset=onnx_opset, quiet=quiet)
+    from toolchain.errors import ConversionError
+
+    try:
+        return export(model, dataset, fmts, out, bitplan=plan, io=io, calibration_samples=calibration_samples,
+                      thresholds=thresholds, verify_samples=verify_samples, name=name, mcu_source=mcu_source,
+                      onnx_opset=onnx_opset, quiet=quiet)
+    except ConversionError as e:  # name the user's file, not only the in-memory model
+        raise ConversionError(f"{model_path}: {e}") from None
 
 
 def run(args) -> int:

@@ -89,6 +89,9 @@ class BitPlan:
 
     @staticmethod
     def from_dict(d: dict) -> "BitPlan":
+        if not isinstance(d, dict) or not isinstance(d.get("layers"), dict):
+            raise ConfigError(f"bit plan is a {type(d).__name__}{'' if isinstance(d, dict) else ''}, not an object with "
+                              "a 'layers' mapping; pass the bitplan.json written by `toolchain quantize`")
         try:
             if d.get("version") != BITPLAN_VERSION:
                 raise ConfigError(f"bit plan version {d.get('version')!r} is not {BITPLAN_VERSION}; "
@@ -101,7 +104,7 @@ class BitPlan:
                 layers[name] = LayerBits(**lb)
             return BitPlan(layers, d.get("allocator", "manual"), d.get("budget"),
                            d.get("granularity", "layer"), d.get("notes", {}))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"bit plan is malformed ({e}); regenerate it with `toolchain quantize` "
                               "or fix the named field") from None
 
