@@ -25,7 +25,7 @@ error (no softmax, no temperature); the augmentations apply alike (the teacher l
 
 Scaling. The 48,000 steps are tuned on DS-CNN (prune + distil + export take about 11 minutes a
 seed on the reference machine, README); a MobileNetV1 at 96x96 would need about 5 hours for them. ``steps`` is therefore a cap: the first
-``TIMING_STEPS`` steps are timed and the run is cut to ``time_budget_s`` (default
+``TIMING_STEPS`` steps after a ``TIMING_WARMUP`` are timed and the run is cut to ``time_budget_s`` (default
 ``DEFAULT_TIME_BUDGET_S``, 15 minutes: about 1.6x DS-CNN's distillation time on the reference
 machine, so DS-CNN keeps its 48,000 steps unless the machine is that much slower or busier, while a
 MobileNetV1 at 96x96 is cut to what fits in a 30-minute compress). Training also stops early when the loss on a held-out slice of the
@@ -44,15 +44,18 @@ import numpy as np
 from toolchain.errors import ConfigError
 from toolchain.recipe import DEFAULT_RECIPE
 
-#: steps timed (after the first, which traces the graph) to estimate the run's duration
-TIMING_STEPS = 50
+#: steps timed to estimate the run's duration, after TIMING_WARMUP steps: the first traces the
+#: graph, and on DS-CNN the next ~40 ran 3x slower than the steady state (steps 1-50 averaged
+#: 79.6 ms, the steady state 26 ms, 2 cores shared by 5 jobs)
+TIMING_WARMUP = 50
+TIMING_STEPS = 100
 #: default wall-clock budget of one distillation run, seconds (the step cap still applies); the
 #: recipe's ``prune.distill_time_budget_s``
 DEFAULT_TIME_BUDGET_S = float(DEFAULT_RECIPE["prune"]["distill_time_budget_s"])
 #: a time-budgeted step count is rounded down to a multiple of this (when larger)
 STEP_ROUNDING = 1000
 #: never fewer steps than this, whatever the budget
-MIN_STEPS = 100
+MIN_STEPS = 200
 #: held-out evaluations per run (every steps // EVALS_PER_RUN steps, at least MIN_EVAL_EVERY)
 EVALS_PER_RUN = 48
 MIN_EVAL_EVERY = 100
@@ -233,7 +236,7 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
     Classifiers match the teacher's class distribution (KL at ``temperature``); regressors and
     autoencoders (``config.task``, inferred from the teacher when ``None``) match its outputs by mean
     squared error, with no softmax or temperature. ``config.steps`` is a cap: after
-    ``TIMING_STEPS`` steps the remaining run is timed and cut to ``config.time_budget_s``
+    ``TIMING_WARMUP + TIMING_STEPS`` steps the run is timed and cut to ``config.time_budget_s``
     (``choose_steps``), and every ``eval_every`` steps the loss on a held-out ``holdout`` share of
     ``x`` (not trained on) is measured; after ``patience`` evaluations without an improvement of
     ``MIN_RELATIVE_IMPROVEMENT`` training stops and the best weights are restored (as Keras 2.14's
@@ -340,11 +343,12 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
         loss = step(next(batches))
         if hold is not None:
             hold.apply(student)
-        if i == 0:
-            t_timing = time.perf_counter()  # the first step traces the graph: not timed
-        if i == TIMING_STEPS and steps > TIMING_STEPS + 1:
+        if i == TIMING_WARMUP - 1:
+            t_timing = time.perf_counter()  # tracing and warm-up steps are not timed
+        if i == TIMING_WARMUP + TIMING_STEPS - 1 and steps > i + 1:
             per_step = (time.perf_counter() - t_timing) / TIMING_STEPS
             steps, reason = choose_steps(steps, per_step, config.time_budget_s)
+            steps = max(steps, i + 1)
             if steps != config.steps:
                 total.assign(float(steps))
                 eval_every = config.eval_every or max(MIN_EVAL_EVERY, steps // EVALS_PER_RUN)
