@@ -14,7 +14,7 @@ from toolchain.errors import ModelLoadError
 from toolchain.model_io import file_sha256, load_model
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "keras3"
-FAMILIES = ("cnn_bn", "dsconv_residual", "mlp", "conv1d", "sequential", "autoencoder", "layer_zoo")
+FAMILIES = ("cnn_bn", "dsconv_residual", "mlp", "conv1d", "sequential", "autoencoder", "layer_zoo", "nested")
 #: float32 outputs of two frameworks (jax vs TensorFlow kernels) for the same weights
 ATOL = 1e-5
 
@@ -38,8 +38,7 @@ def test_keras3_file_loads_with_its_exact_weights(family, suffix):
 def _file_weights(path):
     from toolchain import keras3
 
-    weights = keras3._weights_keras(path) if path.suffix == ".keras" else keras3._weights_h5(path)
-    return [v for vs in weights.values() for v in vs]
+    return keras3._arrays(keras3._weights_keras(path) if path.suffix == ".keras" else keras3._weights_h5(path))
 
 
 def _rewrite_config(src: Path, dst: Path, change) -> Path:

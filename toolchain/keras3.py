@@ -108,8 +108,9 @@ def _object(obj):
     return {"class_name": cls, "config": cfg}
 
 
-def _inbound(nodes) -> list:
-    """Keras 3 call nodes -> tf.keras 2 inbound_nodes."""
+def _inbound(nodes, shifted=frozenset()) -> list:
+    """Keras 3 call nodes -> tf.keras 2 inbound_nodes. tf.keras counts a nested model's own
+    construction as its node 0, Keras 3 does not: references to those models (``shifted``) move up one."""
     out = []
     for node in nodes or []:
         if isinstance(node, list):  # already the Keras 2 form
@@ -122,7 +123,7 @@ def _inbound(nodes) -> list:
         def collect(a):
             if isinstance(a, dict) and a.get("class_name") == "__keras_tensor__":
                 layer, n, t = a["config"]["keras_history"]
-                tensors.append([layer, n, t, {}])
+                tensors.append([layer, n + (layer in shifted), t, {}])
             elif isinstance(a, (list, tuple)):
                 for b in a:
                     collect(b)
@@ -137,11 +138,11 @@ def _inbound(nodes) -> list:
     return out
 
 
-def _io_list(value) -> list:
+def _io_list(value, shifted=frozenset()) -> list:
     """``["input_layer", 0, 0]`` or ``[["a", 0, 0], ...]`` -> the nested form."""
     if isinstance(value, list) and value and isinstance(value[0], str):
-        return [value]
-    return value
+        value = [value]
+    return [[name, n + (name in shifted), t] for name, n, t in value or []]
 
 
 def _accepted_keys(cls_name: str) -> Optional[set]:
@@ -162,8 +163,23 @@ def _accepted_keys(cls_name: str) -> Optional[set]:
                    "dynamic", "input_dim"}
 
 
-def _layer(layer: dict) -> dict:
+_MODELS = ("Functional", "Sequential", "Model")
+
+
+def _has_own_inputs(layer: dict) -> bool:
+    """A nested Functional, or a nested Sequential that starts with its InputLayer."""
+    inner = (layer.get("config") or {}).get("layers") or [{}]
+    return layer.get("class_name") in ("Functional", "Model") or (
+        layer.get("class_name") == "Sequential" and inner[0].get("class_name") == "InputLayer")
+
+
+def _layer(layer: dict, shifted=frozenset()) -> dict:
     cls = layer["class_name"]
+    if cls in _MODELS:  # a nested model: its own layers are translated the same way
+        out = dict(translate(layer), name=layer.get("name", (layer.get("config") or {}).get("name")))
+        if "inbound_nodes" in layer:
+            out["inbound_nodes"] = _inbound(layer["inbound_nodes"], shifted)
+        return out
     cfg = {k: _object(v) for k, v in dict(layer.get("config") or {}).items()}
     if cls == "InputLayer" and "batch_shape" in cfg:
         cfg["batch_input_shape"] = cfg.pop("batch_shape")
@@ -186,7 +202,7 @@ def _layer(layer: dict) -> dict:
             )
     out = {"class_name": cls, "config": cfg, "name": layer.get("name", name)}
     if "inbound_nodes" in layer:
-        out["inbound_nodes"] = _inbound(layer["inbound_nodes"])
+        out["inbound_nodes"] = _inbound(layer["inbound_nodes"], shifted)
     return out
 
 
@@ -194,11 +210,14 @@ def translate(config: dict) -> dict:
     """A Keras 3 Functional/Sequential config as tf.keras 2.14's ``Model.from_config`` takes it."""
     cls = config.get("class_name")
     inner = dict(config.get("config") or {})
-    layers = [_layer(l) for l in inner.get("layers", [])]
+    shifted = frozenset(l.get("name") or (l.get("config") or {}).get("name")
+                        for l in inner.get("layers", []) if _has_own_inputs(l))
+    layers = [_layer(l, shifted) for l in inner.get("layers", [])]
     if cls == "Sequential":
         return {"class_name": "Sequential", "config": {"name": inner.get("name", "sequential"), "layers": layers}}
     out = {"name": inner.get("name", "model"), "layers": layers,
-           "input_layers": _io_list(inner.get("input_layers")), "output_layers": _io_list(inner.get("output_layers"))}
+           "input_layers": _io_list(inner.get("input_layers"), shifted),
+           "output_layers": _io_list(inner.get("output_layers"), shifted)}
     return {"class_name": "Functional", "config": out}
 
 
@@ -206,35 +225,49 @@ def translate(config: dict) -> dict:
 # weights
 
 
-def _weights_keras(path: Path) -> Dict[str, List[np.ndarray]]:
+def _weights_keras(path: Path) -> dict:
+    """``model.weights.h5`` of the archive as ``{"vars": [arrays], "layers": {key: node}}``."""
     import h5py
+
+    def node(group) -> dict:
+        vars_ = group.get("vars")
+        layers = group.get("layers")
+        return {"vars": [np.asarray(vars_[str(i)]) for i in range(len(vars_))] if vars_ is not None else [],
+                "layers": {name: node(layers[name]) for name in layers} if layers is not None else {}}
 
     with zipfile.ZipFile(path) as archive:
         raw = archive.read("model.weights.h5")
-    out: Dict[str, List[np.ndarray]] = {}
     with h5py.File(io.BytesIO(raw), "r") as fh:
-        layers = fh.get("layers")
-        if layers is None:
-            return out
-        for name in layers:
-            vars_ = layers[name].get("vars")
-            if vars_ is not None and len(vars_):
-                out[name] = [np.asarray(vars_[str(i)]) for i in range(len(vars_))]
-    return out
+        return node(fh)
 
 
-def _weights_h5(path: Path) -> Dict[str, List[np.ndarray]]:
+def _weights_h5(path: Path) -> dict:
+    """``model_weights`` of a Keras 3 ``.h5`` as the same tree, each layer's variables in its
+    ``weight_names`` order; a nested model's go to its inner layers by name."""
     import h5py
 
-    out: Dict[str, List[np.ndarray]] = {}
+    root: dict = {"vars": [], "layers": {}}
     with h5py.File(path, "r") as fh:
         group = fh.get("model_weights", fh)
         for name in group:
             g = group[name]
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in g.attrs.get("weight_names", [])]
-            if names:
-                out[name] = [np.asarray(g[n]) for n in names]
-    return out
+            top = root["layers"].setdefault(name, {"vars": [], "layers": {}})
+            for weight in g.attrs.get("weight_names", []):
+                weight = weight.decode() if isinstance(weight, bytes) else str(weight)
+                # "dense/kernel", "sequential/dense/kernel" (the outer model's scope) or, in a
+                # nested model "block", "block/dense/kernel": what follows the group's own name
+                scopes = weight.split("/")[:-1]
+                inner_path = scopes[len(scopes) - scopes[::-1].index(name):] if name in scopes else []
+                target = top
+                for inner in inner_path:
+                    target = target["layers"].setdefault(inner, {"vars": [], "layers": {}})
+                target["vars"].append(np.asarray(g[weight]))
+    return root
+
+
+def _arrays(node: dict) -> List[np.ndarray]:
+    """Every array of a weight tree."""
+    return list(node["vars"]) + [a for child in node["layers"].values() for a in _arrays(child)]
 
 
 def _snake_case(name: str) -> str:
@@ -263,6 +296,30 @@ def _archive_names(layers) -> List[str]:
     return out
 
 
+def _assign(layers, node: dict, kind: str, prefix: str, missing, problems, extra) -> None:
+    """Give each layer its stored variables after a shape check; nested models recurse."""
+    import tensorflow as tf
+
+    keys = _archive_names(layers) if kind == "keras" else [layer.name for layer in layers]
+    children = dict(node["layers"])
+    for layer, key in zip(layers, keys):
+        child = children.pop(key, None)
+        if not layer.weights:
+            continue
+        if child is None:
+            missing.append(prefix + layer.name)
+        elif isinstance(layer, tf.keras.Model):
+            _assign(layer.layers, child, kind, f"{prefix}{layer.name}/", missing, problems, extra)
+        else:
+            values, expected = child["vars"], layer.weights
+            if len(values) != len(expected) or any(tuple(v.shape) != tuple(w.shape) for v, w in zip(values, expected)):
+                problems.append(f"{prefix}{layer.name}: file {[tuple(v.shape) for v in values]} vs layer "
+                                f"{[tuple(w.shape) for w in expected]}")
+            else:
+                layer.set_weights(values)
+    extra.extend(prefix + key for key, child in children.items() if _arrays(child))
+
+
 def load(path: Path, kind: str, config: dict):
     """Build the tf.keras model from a Keras 3 file's config and give it the file's weights."""
     import tensorflow as tf
@@ -280,25 +337,13 @@ def load(path: Path, kind: str, config: dict):
         weights = _weights_keras(path) if kind == "keras" else _weights_h5(path)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         raise ModelLoadError(f"{str(path)!r} (Keras 3): its weights cannot be read ({err}); re-save the model") from err
-    missing, problems = [], []
-    keys = _archive_names(model.layers) if kind == "keras" else [layer.name for layer in model.layers]
-    for layer, key in zip(model.layers, keys):
-        expected = layer.weights
-        if not expected:
-            continue
-        values = weights.pop(key, None)
-        if values is None:
-            missing.append(layer.name)
-            continue
-        if len(values) != len(expected) or any(tuple(v.shape) != tuple(w.shape) for v, w in zip(values, expected)):
-            problems.append(f"{layer.name}: file {[tuple(v.shape) for v in values]} vs layer "
-                            f"{[tuple(w.shape) for w in expected]}")
-            continue
-        layer.set_weights(values)
-    extra = sorted(weights)
+    missing: List[str] = []
+    problems: List[str] = []
+    extra: List[str] = []
+    _assign(model.layers, weights, kind, "", missing, problems, extra)
     if missing or problems or extra:
         parts = ([f"no weights for {', '.join(missing)}"] if missing else []) + problems + (
-            [f"weights for unknown layers {', '.join(extra)}"] if extra else [])
+            [f"weights for unknown layers {', '.join(sorted(extra))}"] if extra else [])
         raise ModelLoadError(f"{str(path)!r} (Keras 3): the weights do not match the architecture "
                              f"({'; '.join(parts)}); the file is inconsistent, re-save it")
     return model

@@ -102,7 +102,16 @@ def layer_zoo():
     return keras.Model(inp, layers.Softmax()(x), name="layer_zoo")
 
 
-FAMILIES = {f.__name__: f for f in (cnn_bn, dsconv_residual, mlp, conv1d, sequential, autoencoder, layer_zoo)}
+def nested():
+    """A Sequential block (with BatchNormalization) used as a layer of a Functional model."""
+    block = keras.Sequential([keras.Input((64,)), layers.Dense(32), layers.BatchNormalization(), layers.ReLU()],
+                             name="block")
+    inp = keras.Input((64,))
+    return keras.Model(inp, layers.Dense(10, activation="softmax")(block(inp)), name="nested")
+
+
+FAMILIES = {f.__name__: f for f in (cnn_bn, dsconv_residual, mlp, conv1d, sequential, autoencoder, layer_zoo,
+                                    nested)}
 
 
 def digits():
