@@ -191,7 +191,8 @@ def test_early_stopping_restores_the_best_held_out_weights():
     teacher = _autoencoder()
     student = _autoencoder(seed=1)
     x = np.random.default_rng(0).normal(size=(80, 12)).astype(np.float32)
-    config = DistillConfig(steps=3000, learning_rate=0.5, eval_every=10, patience=3, time_budget_s=None, seed=2)
+    config = DistillConfig(steps=3000, learning_rate=0.5, eval_every=10, patience=3, time_budget_s=None, seed=2,
+                           holdout=0.1)
     history = distill(student, teacher, x, config)
     assert history["stop_reason"] == "early_stop" and history["steps_run"] < 3000, history["heldout_loss"]
     steps, losses = zip(*history["heldout_loss"])
@@ -200,3 +201,15 @@ def test_early_stopping_restores_the_best_held_out_weights():
     hold = x[np.random.default_rng(config.seed).permutation(len(x))[:history["holdout_samples"]]]
     now = float(np.mean((student.predict(hold, verbose=0) - teacher.predict(hold, verbose=0)) ** 2))
     assert now == pytest.approx(losses[best], rel=1e-4)
+
+
+def test_early_stopping_by_default_watches_the_clean_calibration_samples():
+    """holdout=0 (the default) takes no sample out of training; the clean samples decide instead."""
+    teacher, student = _autoencoder(), _autoencoder(seed=1)
+    x = np.random.default_rng(0).normal(size=(80, 12)).astype(np.float32)
+    config = DistillConfig(steps=3000, learning_rate=0.5, eval_every=10, patience=3, time_budget_s=None, seed=2)
+    history = distill(student, teacher, x, config)
+    assert history["holdout_samples"] == 0 and history["stop_reason"] == "early_stop"
+    steps, losses = zip(*history["heldout_loss"])
+    now = float(np.mean((student.predict(x, verbose=0) - teacher.predict(x, verbose=0)) ** 2))
+    assert now == pytest.approx(min(losses), rel=1e-4)

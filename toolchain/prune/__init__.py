@@ -30,6 +30,11 @@ from toolchain.prune.criteria import (CRITERIA, DEFAULT_SCORE, DEFAULT_SOURCE, F
                                       ScoringContext, Target, check_layer_names, get_criterion,
                                       kernel_of, prunable_layers, select)
 
+#: pruning schedules and the iterative one's default step count (``toolchain.prune.schedule``); here,
+#: not there, so the command line can list them without importing TensorFlow
+SCHEDULES = ("one_shot", "iterative")
+DEFAULT_ITERATIONS = 4
+
 __all__ = ["prune", "PruneResult", "PruneStep", "CRITERIA", "Target", "GRANULARITIES", "SCOPES",
            "RELEVANCE_SCORES", "accuracy", "apply_weight_masks", "strip"]
 

@@ -20,7 +20,7 @@ def _sparsity(text: str) -> float:
 def add_parser(sub):
     from toolchain.prune.criteria import (DEFAULT_SCORE, DEFAULT_SOURCE, FILTER_SOURCES, GRANULARITIES,
                                           RELEVANCE_SCORES, SCOPES)
-    from toolchain.prune.schedule import DEFAULT_ITERATIONS, SCHEDULES
+    from toolchain.prune import DEFAULT_ITERATIONS, SCHEDULES
     from toolchain.relevance import CLASS_SELECTIONS
 
     p = sub.add_parser("prune", help="prune weights or whole filters by LRP relevance",

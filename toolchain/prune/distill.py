@@ -28,11 +28,13 @@ seed on the reference machine, README); a MobileNetV1 at 96x96 would need about 
 ``TIMING_STEPS`` steps after a ``TIMING_WARMUP`` are timed and the run is cut to ``time_budget_s`` (default
 ``DEFAULT_TIME_BUDGET_S``, 15 minutes: about 1.6x DS-CNN's distillation time on the reference
 machine, so DS-CNN keeps its 48,000 steps unless the machine is that much slower or busier, while a
-MobileNetV1 at 96x96 is cut to what fits in a 30-minute compress). Training also stops early when the loss on a held-out slice of the
-calibration samples (``holdout``) has not improved for ``patience`` evaluations. Patience is
-generous on purpose (12 evaluations of 1/48 of the run = a quarter of it): under the cosine
-schedule the held-out loss of DS-CNN keeps falling to the end, and a run that reaches its last step
-keeps its final weights, so the tuned default stays as it was except for the held-out 10%.
+MobileNetV1 at 96x96 is cut to what fits in a 30-minute compress). Training also stops early when the
+loss on the clean (un-augmented) calibration samples has not improved for ``patience`` evaluations
+(``holdout`` > 0 holds a slice out of training for it instead; with DS-CNN's 500 unlabelled samples
+every one counts, so the default keeps them all). Patience is generous on purpose (12 evaluations
+of 1/48 of the run = a quarter of it): under the cosine schedule the loss keeps falling to the end,
+and a run that reaches its last step keeps its final weights, so the tuned default trains exactly
+as before unless the time budget cuts it.
 """
 from __future__ import annotations
 
@@ -89,8 +91,10 @@ class DistillConfig:
     task: Optional[str] = None
     #: wall-clock budget in seconds; the step count is cut to fit it (None: always run ``steps``)
     time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S
-    #: share of the samples held out (not trained on) to decide early stopping
-    holdout: float = 0.1
+    #: share of the samples held out (not trained on) to decide early stopping; 0 (the default):
+    #: early stopping watches the clean calibration samples themselves (training only ever sees
+    #: augmented versions of them), so none of the few calibration samples is taken from training
+    holdout: float = 0.0
     #: evaluations without improvement before stopping early (0: no early stopping, no holdout)
     patience: int = 12
     #: steps between held-out evaluations (0: steps // EVALS_PER_RUN, at least MIN_EVAL_EVERY)
@@ -286,6 +290,9 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
     order = rng_np.permutation(len(x))
     x_hold, x_train = x[order[:n_hold]], x[np.sort(order[n_hold:])]
     history["holdout_samples"] = int(n_hold)
+    monitor = bool(config.patience)  # early stopping on: the held-out slice, else the clean samples
+    if monitor and not n_hold:
+        x_hold = x_train
 
     tf.keras.utils.set_random_seed(config.seed)
     rng = tf.random.Generator.from_seed(config.seed)
@@ -318,7 +325,7 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
         opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 
-    if n_hold:
+    if monitor:
         xh = tf.constant(x_hold)
         th = tf.constant(teacher.predict(x_hold, batch_size=256, verbose=0))
 
@@ -369,7 +376,7 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
             bar.set_postfix(loss=f"{value:.3f}")
         bar.update(1)
         i += 1
-        if n_hold and (i % eval_every == 0 or i == steps):
+        if monitor and (i % eval_every == 0 or i == steps):
             value = float(heldout_loss())
             history["heldout_loss"].append((i, value))
             if value < best * (1.0 - MIN_RELATIVE_IMPROVEMENT) or best_weights is None:
@@ -384,6 +391,6 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
                     break
     bar.close()
     history.update({"steps_chosen": steps, "steps_run": i, "stop_reason": reason,
-                    "best_heldout_step": best_step if n_hold else None,
+                    "best_heldout_step": best_step if monitor else None,
                     "seconds": time.perf_counter() - t_start, f"{key}_after": closeness()})
     return history

@@ -27,10 +27,10 @@ from toolchain.layers import KERNEL_ATTRS
 #: share of the fine-tuning steps over which the default iterative schedule ramps up (the rest
 #: fine-tunes at the final sparsity, as tfmot's examples do)
 RAMP_SHARE = 0.5
-DEFAULT_ITERATIONS = 4
+from toolchain.prune import DEFAULT_ITERATIONS, SCHEDULES  # noqa: E402  (defined where the CLI can read them cheaply)
+
 FINE_TUNE_LEARNING_RATE = 1e-3
 FINE_TUNE_BATCH_SIZE = 32
-SCHEDULES = ("one_shot", "iterative")
 
 
 class RelevancePolynomialSchedule(tfmot.sparsity.keras.PruningSchedule):
