@@ -117,9 +117,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
+#: what ``toolchain --help`` says it is, for the people who use it
+DESCRIPTION = ("Compress a trained Keras model for a Raspberry Pi-class board or a microcontroller, guided by "
+               "explainability (LRP relevance): prune, quantize with mixed precision, export to TFLite, ONNX and "
+               "TFLite Micro, verify every artifact against your original model, and measure what you gain "
+               "(size, speed) and lose (accuracy or your task's metric). Start with `toolchain compress`.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="toolchain", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from toolchain import __version__
+
+    parser = _Parser(prog="toolchain", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"toolchain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for mod in _modules():
         p = mod.add_parser(sub)
         p.set_defaults(_run=mod.run)
@@ -130,7 +140,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     # TensorFlow's C++ logging prints "Unable to register cuDNN factory" errors on CPU-only machines;
     # our own errors are Python exceptions, printed as one line below
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not sys.stderr.isatty():
+        # progress bars are for terminals: in a log file, one plain progress line a minute per bar
+        # instead of every update (tqdm reads TQDM_* defaults from the environment)
+        os.environ.setdefault("TQDM_MININTERVAL", "60")
+        os.environ.setdefault("TQDM_NCOLS", "100")
     parser = build_parser()
+    unknown = _unknown_flag(parser, sys.argv[1:] if argv is None else list(argv))
+    if unknown:
+        print(unknown, file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)
@@ -169,6 +188,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: unexpected {type(e).__name__} ({_one_line(e)}): this is a bug in the toolchain; "
               "re-run with --debug for details and report it", file=sys.stderr)
         return 1
+
+
+def _unknown_flag(parser: argparse.ArgumentParser, argv: List[str]) -> Optional[str]:
+    """One line naming the first flag the chosen command does not take, with the closest one it
+    does: argparse would first complain that a required flag is missing (``--modle`` for
+    ``--model``)."""
+    import difflib
+
+    commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    if commands is None or name not in commands.choices:
+        return None
+    sub = commands.choices[name]
+    known = [o for a in sub._actions for o in a.option_strings]
+    for token in argv[argv.index(name) + 1:]:
+        if token == "--":
+            break
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            close = difflib.get_close_matches(flag, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            return f"error: {sub.prog}: unknown option {flag}{hint} (see `{sub.prog} --help`)"
+    return None
 
 
 def _one_line(e: BaseException, limit: int = MAX_MESSAGE_CHARS) -> str:
