@@ -10,6 +10,7 @@ so ``runs``/``warmup`` do not apply: every sample of the inputs is run once.
 """
 from __future__ import annotations
 
+import platform
 import shutil
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -45,8 +46,11 @@ class QemuCortexMTarget(Target):
     def info(self):
         from toolchain.firmware import COUNT_LABEL, CPUS
 
-        return dict(super().info(), cpu=f"cortex-{self.cpu}", machine=CPUS[self.cpu][1], kernels=self.kernels,
-                    measures=COUNT_LABEL)
+        machine = CPUS[self.cpu][1]
+        return dict(super().info(), cpu=f"cortex-{self.cpu}", machine=machine, kernels=self.kernels,
+                    measures=COUNT_LABEL, board=f"QEMU {machine}", qemu_cpu=f"cortex-{self.cpu}",
+                    note=("Bare-metal TFLM firmware; the ms columns are QEMU virtual time at 1 ns per "
+                          "EMULATED INSTRUCTION (an instruction count, not device time)."))
 
     def check(self) -> None:
         from toolchain.firmware.build import kit_dir, require_newlib, require_tool
@@ -125,6 +129,8 @@ class QemuCortexMTarget(Target):
             "throughput_per_s": round(1e3 / float(virtual_ms.mean()), 2),
             "load_ms": round(fw.init_instructions * VIRTUAL_NS_PER_INSTRUCTION / 1e6, 4),
             "peak_rss_mib": None,
+            "machine": {"machine": summary["machine"], "python": None},
+            "emulation": {"host_machine": platform.machine(), "qemu": "qemu-system-arm -icount shift=0"},
             "accuracy": accuracy, "accuracy_samples": None if y is None else int(len(y)),
             "firmware": dict(summary, emulated_instructions=list(fw.instructions)),
             **({"outputs": scores.tolist()} if request.include_outputs else {}),

@@ -110,18 +110,25 @@ def cache_dir() -> Path:
     return stagecache.root().parent / "tflm"
 
 
-def library(cpu: str = "m4", kernels: str = "cmsis-nn", jobs: int = 0) -> Path:
-    """The cached ``libtflm.a`` for (kit, cpu, kernels), built with the kit's Makefile when missing."""
+def library_dir(cpu: str, kernels: str) -> Tuple[Path, dict]:
+    """Where the library for (kit content, cpu, kernels, compiler, flags) is cached, and that key's parts."""
     check_cpu_kernels(cpu, kernels)
     kit = kit_dir()
     require_tool("make")
     require_tool("arm-none-eabi-g++")
     require_newlib()
     gcc_version = subprocess.run(["arm-none-eabi-gcc", "-dumpversion"], capture_output=True, text=True).stdout.strip()
-    flags = compiler_flags(cpu, kernels)
-    key = hashlib.sha256(json.dumps([kit_hash(kit), cpu, kernels, BUILD_TYPE, gcc_version, flags],
+    parts = {"kit": str(kit), "kit_sha256": kit_hash(kit), "cpu": cpu, "kernels": kernels,
+             "build_type": BUILD_TYPE, "gcc": gcc_version, "flags": compiler_flags(cpu, kernels)}
+    key = hashlib.sha256(json.dumps({k: v for k, v in parts.items() if k != "kit"},
                                     sort_keys=True).encode()).hexdigest()[:20]
-    final = cache_dir() / f"lib-{cpu}-{kernels}-{key}"
+    return cache_dir() / f"lib-{cpu}-{kernels}-{key}", parts
+
+
+def library(cpu: str = "m4", kernels: str = "cmsis-nn", jobs: int = 0) -> Path:
+    """The cached ``libtflm.a`` for (kit, cpu, kernels), built with the kit's Makefile when missing."""
+    final, parts = library_dir(cpu, kernels)
+    kit = kit_dir()
     lib = final / "libtflm.a"
     if lib.is_file():
         return lib
@@ -138,9 +145,7 @@ def library(cpu: str = "m4", kernels: str = "cmsis-nn", jobs: int = 0) -> Path:
         staged = work / "out"
         staged.mkdir()
         shutil.copy2(built, staged / "libtflm.a")
-        (staged / "build.json").write_text(json.dumps({"kit": str(kit), "kit_sha256": kit_hash(kit), "cpu": cpu,
-                                                       "kernels": kernels, "gcc": gcc_version, "flags": flags},
-                                                      indent=2) + "\n")
+        (staged / "build.json").write_text(json.dumps(parts, indent=2) + "\n")
         try:
             os.rename(staged, final)
         except OSError:
