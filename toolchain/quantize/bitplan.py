@@ -124,7 +124,10 @@ class BitPlan:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"bit plan {path} is not valid JSON ({e}); fix or regenerate it") from None
-        return BitPlan.from_dict(data)
+        try:
+            return BitPlan.from_dict(data)
+        except ConfigError as e:  # name the file the user gave
+            raise ConfigError(f"{path}: {e}") from None
 
     def check_against(self, model) -> None:
         """Every planned layer exists in ``model`` and has a kernel; report all mismatches."""
