@@ -156,6 +156,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     from toolchain.errors import ToolchainError
 
+    if getattr(args, "debug", False):
+        os.environ["TOOLCHAIN_DEBUG"] = "1"  # native library output (the TFLite converter's) stays visible
     try:
         _check_paths(args)
         return args._run(args)
