@@ -95,3 +95,19 @@ def test_readme_headline_table_quotes_run_all():
     for quoted in ("0.0313 ms vs ours 0.0116 ms = 2.70x", "0.556", "+0.4 points below the official int8"):
         assert quoted in kws, quoted
     assert "0.0313 vs 0.0116 ms" in section and "2.70x" in section and "0.556" in section
+
+
+def test_every_recipe_key_and_threshold_is_documented():
+    """docs/recipes.md names every key of the default recipe and every verify kind and field, so a
+    new key cannot land undocumented (imports stay light: no TensorFlow)."""
+    from dataclasses import fields
+
+    from toolchain.recipe import DEFAULT_RECIPE
+    from toolchain.verify import DEFAULT_THRESHOLDS, Thresholds
+
+    doc = (REPO / "docs" / "recipes.md").read_text()
+    names = [k for k, v in DEFAULT_RECIPE.items() if not isinstance(v, dict)]
+    names += [k for section in DEFAULT_RECIPE.values() if isinstance(section, dict) for k in section]
+    names += list(DEFAULT_THRESHOLDS) + [f.name for f in fields(Thresholds)]
+    missing = sorted({n for n in names if f"`{n}`" not in doc})
+    assert not missing, f"docs/recipes.md does not mention {missing}"
