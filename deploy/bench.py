@@ -192,8 +192,10 @@ def describe_artifact(path: Path, kind: str, trust_model: bool = False) -> dict:
 
 def prepare_inputs(dataset, spec: dict, samples: Optional[int] = None):
     """``(x, y, x_quantization, split)`` for the artifact input ``spec`` from ``dataset``."""
-    from toolchain.data import check_compatible
+    from toolchain.data import check_compatible, fit_to_model
 
+    # the artifact's own input shape decides a unit channel axis or flattening, as load_inputs does
+    dataset = fit_to_model(dataset, tuple(spec["input"]["shape"])[1:])
     check_compatible(dataset, spec["input"]["shape"], spec["output"]["shape"][-1])
     if dataset.x_eval is not None:
         split, x, y, x8 = "eval", dataset.x_eval, dataset.y_eval, dataset.x_eval_int8
@@ -204,6 +206,8 @@ def prepare_inputs(dataset, spec: dict, samples: Optional[int] = None):
             raise ConfigError(f"--samples {samples} exceeds the {len(x)} samples of "
                               f"{dataset.name}'s {split} split; pass at most {len(x)}")
         x, y, x8 = x[:samples], y[:samples], None if x8 is None else x8[:samples]
+    if not dataset.is_classification:
+        y = None  # the runner's accuracy is top-1 over class labels; float targets have none
     want = spec["input"]
     q = want.get("quantization")
     if want["dtype"] == "int8" and q is not None and x8 is not None and \
@@ -266,7 +270,9 @@ def bench(artifact: Union[str, os.PathLike], target: Union[str, Target] = "local
         if ds is not None:
             x, y, xq, split = prepare_inputs(ds, spec, samples)
             inputs = workdir / "inputs.npz"
-            arrays = {"x": x, "y": y} if xq is None else {"x": x, "y": y, "x_quantization": xq}
+            arrays = {"x": x} if y is None else {"x": x, "y": y}
+            if xq is not None:
+                arrays["x_quantization"] = xq
             np.savez(inputs, **arrays)
             data_info = {"spec": data, "name": ds.name, "split": split, "samples": int(len(x)),
                          "dtype": x.dtype.name, "inputs_sha256": _sha256(inputs),

@@ -100,7 +100,10 @@ def run(args) -> int:
         print(json.dumps(json.loads((Path(args.out) / "export.json").read_text()), indent=2))
         return 0
     print(bundle.table())
+    task = getattr(bundle.verify, "task", "classification")
+    reference = (f"Keras accuracy {bundle.verify.reference_accuracy:.4f}" if task == "classification"
+                 else f"task {task}: judged by the error against the targets")
     print(f"\nverified on {bundle.verify.samples} {bundle.verify.split} samples "
-          f"(Keras accuracy {bundle.verify.reference_accuracy:.4f}); wrote {args.out}/ "
+          f"({reference}); wrote {args.out}/ "
           "(artifacts, verify.json, export.json" + (", mcu/" if bundle.mcu is not None else "") + ")")
     return 0
