@@ -57,7 +57,7 @@ prune:
   # shift, SpecAugment-style time/feature masks, noise): needs no labels; 0 = off. ~10 min for
   # DS-CNN on 2 cores (8000 steps: 0.5 points less on DS-CNN, 3 seeds; 24000: about 0.2 less).
   distill_steps: 48000     # a cap: the first 50 steps are timed and the run cut to distill_time_budget_s;
-                           # it also stops when a held-out tenth of the calibration samples stops improving
+                           # it also stops when its loss on the clean calibration samples stops improving
   distill_temperature: 1.0
   distill_time_budget_s: 900   # wall-clock budget of the distillation (null: none); DS-CNN's 48,000 steps
                                # take about 9 minutes on 2 cores, a MobileNetV1 at 96x96 would take hours
