@@ -66,7 +66,7 @@ def test_runs_every_flow_on_a_cached_dataset(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, match", [(["--epochs", "0"], "--epochs: '0' must be a positive integer"),
                                          (["--recipe", "missing.yaml"], "missing.yaml does not exist"),
-                                         (["--recipe", "BAD"], r"prune.sparsity: 2 is not a number in \[0, 1\)")])
+                                         (["--recipe", "BAD"], r"prune.sparsity: 2 is not a finite number in \[0, 1\)")])
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, match):
     bad = tmp_path / "bad.yaml"
     bad.write_text("prune: {sparsity: 2}\n")

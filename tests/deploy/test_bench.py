@@ -18,6 +18,7 @@ RUNS = 10
 
 def test_target_registry_and_cli_strings():
     assert TARGETS.keys() == ["target.emulated_pi4", "target.emulated_pi5", "target.local",
+                              "target.qemu_cortex_m4", "target.qemu_cortex_m7",
                               "target.ssh"]
     assert resolve_target("local").key == "target.local"
     assert resolve_target("emulated-pi5").board.qemu_cpu == "cortex-a76"
