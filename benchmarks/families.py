@@ -189,16 +189,6 @@ def run_family(family: str, recipe, work: Path, mobilenet_train: int) -> dict:
             "mcu_flash_bytes": next((r["size_bytes"] for r in rows if r["format"] == "mcu"), None)}
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def markdown(results: dict) -> str:
     md = ["# Model families through `toolchain compress`", "",
           f"Commands: {', '.join(sorted({'`' + r.get('command', results['command']) + '`' for r in results['rows']}))}; "
@@ -253,6 +243,8 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown families {', '.join(bad)}; choose from {', '.join(FAMILIES)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from toolchain.compress import cpu_name
+
     t0 = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="families-") as tmp:
@@ -269,7 +261,7 @@ def main(argv=None) -> int:
         rows = [r for r in old["rows"] if r["family"] not in families] + rows
         rows.sort(key=lambda r: FAMILIES.index(r["family"]))
         seconds += old.get("seconds", 0)
-    results = {"command": command, "machine": f"{os.cpu_count()} cores {platform.machine()} ({_cpu()})",
+    results = {"command": command, "machine": f"{os.cpu_count()} cores {platform.machine()} ({cpu_name()})",
                "recipe": args.recipe or "default", "rows": rows, "seconds": seconds}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2, default=str))

@@ -321,10 +321,12 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
                           thresholds={"int8": Thresholds(min_agreement=0.0)})
         summary["verify"] = bundle.verify.to_dict()
         packed = summary["quantize"]["packed_weight_bytes"] if plan is not None else None
-        rows = _artifact_rows(bundle, baseline, model, dataset, packed)
+        # the original's outputs on the evaluation split, once: every row and the guard compare with them
+        original_out = model.predict(dataset.x_eval, batch_size=256, verbose=0)
+        rows = _artifact_rows(bundle, baseline, original_out, dataset, packed)
         # the guard: every compressed artifact against the USER'S ORIGINAL model, not the pruned
         # one export verified against; breaking a limit fails the run before anything is written
-        summary["original"] = _compare_with_original(rows, bundle, model, dataset, recipe["verify"])
+        summary["original"] = _compare_with_original(rows, bundle, original_out, dataset, recipe["verify"])
         if recipe["bench"]["enabled"]:
             b = recipe["bench"]
             progress.stage("bench", f"target {b['target']}, {b['runs']} runs, threads {b['threads']}")
@@ -368,7 +370,7 @@ def _json_default(obj):
     return str(obj)
 
 
-def _artifact_rows(bundle, baseline, original, dataset, packed: Optional[int]) -> List[dict]:
+def _artifact_rows(bundle, baseline, original_out, dataset, packed: Optional[int]) -> List[dict]:
     """One row per artifact: the task's metrics on the evaluation split (classifiers: accuracy and
     top-1 agreement with the ORIGINAL model; regressors/autoencoders: MSE, MAE, and ROC AUC with
     anomaly labels), sizes three ways (``packed``: the bit plan's packed weight bytes, shown on the
@@ -377,7 +379,6 @@ def _artifact_rows(bundle, baseline, original, dataset, packed: Optional[int]) -
     from toolchain.task import evaluate, top1_agreement
 
     x, y, task = dataset.x_eval, dataset.y_eval, dataset.task
-    original_out = original.predict(x, verbose=0)
     rows = []
     for origin, b in (("baseline", baseline), ("compressed", bundle)):
         for fmt, art in b.artifacts.items():
@@ -403,7 +404,7 @@ def _artifact_rows(bundle, baseline, original, dataset, packed: Optional[int]) -
 GUARD_KEYS = {"accuracy": "max_accuracy_drop", "mse": "max_mse_increase", "auc": "max_auc_drop"}
 
 
-def _compare_with_original(rows: List[dict], bundle, original, dataset, limits: dict) -> dict:
+def _compare_with_original(rows: List[dict], bundle, original_out, dataset, limits: dict) -> dict:
     """Annotate every artifact row with its change against the user's original Keras model in the
     task's primary metric, and raise ``VerificationError`` (naming each offender, by how much, and
     the recipe key) when a compressed artifact loses more than the recipe allows
@@ -416,8 +417,7 @@ def _compare_with_original(rows: List[dict], bundle, original, dataset, limits: 
     from toolchain.errors import VerificationError
     from toolchain.task import evaluate, metric_change, mse_floor_for, primary_metric
 
-    x, y, task = dataset.x_eval, dataset.y_eval, dataset.task
-    original_out = original.predict(x, batch_size=256, verbose=0)
+    y, task = dataset.y_eval, dataset.task
     reference = evaluate(task, y, original_out, dataset.anomaly_eval)
     reference.pop("reconstruction_error", None)
     metric, higher_better = primary_metric(task, "auc" in reference)
@@ -488,7 +488,7 @@ def _measured_on(rows: List[dict], bench_recipe: dict) -> dict:
         return {"text": "latency not measured (bench.enabled: false)"}
     emulated = any(r.get("emulated") for r in timed)
     target = bench_recipe["target"]
-    cpu = _cpu_name() if target == "local" else None
+    cpu = cpu_name() if target == "local" else None
     where = ("QEMU-emulated " + target + " (emulated timings, not board timings)" if emulated
              else f"this host ({cpu}, {platform.machine()})" if target == "local" else target)
     configs = sorted({f"{'ONNX Runtime' if r['format'].startswith('onnx') else 'TFLite'} {r['bench_config']}"
@@ -498,7 +498,8 @@ def _measured_on(rows: List[dict], bench_recipe: dict) -> dict:
                     f"{'; '.join(configs)}"}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """This host's CPU model, as /proc/cpuinfo names it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware", "cpu model")):

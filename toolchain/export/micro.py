@@ -76,9 +76,9 @@ def _version() -> str:
 
 
 @contextlib.contextmanager
-def _quiet_native():
-    """tflite-micro reports failed allocations with printf; keep them off the user's terminal
-    while the arena bisection provokes them."""
+def quiet_native_output():
+    """Native libraries' printf output (tflite-micro's failed allocations during the arena
+    bisection, the TFLite converter's quantizer lines) kept off the user's terminal."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -159,7 +159,7 @@ def _min_arena_here(data: bytes, x_q: np.ndarray, upper: Optional[int] = None, o
     """The arena bisection itself (runs in :func:`min_arena`'s child process)."""
     runtime = _runtime()
     hi = int(upper or len(data) * 10)
-    with _quiet_native():
+    with quiet_native_output():
         while not _runs(runtime, data, hi, x_q):
             if hi > 1 << 30:
                 raise ConversionError("tflite-micro cannot allocate this model even with a 1 GiB arena; "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
@@ -54,26 +53,16 @@ def _quiet_converter():
     """The converter logs every pass at WARNING through absl and its C++ quantizer prints
     ("fully_quantize: 0, inference_type: 6, ...") straight to the process's stdout/stderr; keep the
     CLI readable unless ``--debug`` (``TOOLCHAIN_DEBUG``). Failures still raise with their message."""
+    from toolchain.export.micro import quiet_native_output
+
     logger = logging.getLogger("tensorflow")
     old = logger.level
     logger.setLevel(logging.ERROR)
-    native = not os.environ.get("TOOLCHAIN_DEBUG")
-    if native:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved = [os.dup(1), os.dup(2)]
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
     try:
-        yield
+        with (contextlib.nullcontext() if os.environ.get("TOOLCHAIN_DEBUG") else quiet_native_output()):
+            yield
     finally:
         logger.setLevel(old)
-        if native:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved + [devnull]:
-                os.close(fd)
 
 
 def check_io(io: Optional[str]) -> None:
