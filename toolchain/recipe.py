@@ -26,10 +26,64 @@ DEFAULT_RECIPE: Dict[str, Any] = {
               "distill_time_budget_s": 900},
     "quantize": {"enabled": True, "allocator": "uniform", "bits": [8], "budget": "avg-bits=8",
                  "granularity": "layer", "group_size": 8, "qat_epochs": 0, "float_layers": ["first"]},
-    "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed", "onnx-fp32", "onnx-int8", "mcu"]},
+    "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed", "onnx-fp32", "onnx-int8", "mcu"],
+               "mcu_source": "tflite-int8"},
     "verify": {"min_agreement": 0.9, "max_accuracy_drop": 0.05, "max_mse_increase": 0.25, "max_auc_drop": 0.02},
-    "bench": {"enabled": True, "target": "local", "runs": 200, "threads": [1]},
+    "bench": {"enabled": True, "target": "local", "runs": 200, "threads": [1], "samples": None,
+              "kernels": "cmsis-nn", "reference": None},
 }
+
+#: Per-target overrides of ``DEFAULT_RECIPE``, applied before the user's recipe keys (which always
+#: win). Keyed by target kind (``target_kind``). CPUs and Pi-class boards keep the speed-oriented
+#: default above: int8 everywhere, the first conv in float (XNNPACK runs INT4 3.5-4.4x slower than
+#: int8, and its int8 conv over one channel is slower than float). On a microcontroller flash is
+#: the hard limit and TFLM runs packed INT4 weights: the relevance allocator chooses 4 or 8 bits per
+#: layer under an average-width budget, the MCU bundle is made from that mixed-precision model
+#: (tflite-mixed, QAT route: INT4 where the plan says <= 4 bits), and no layer stays in float
+#: (TFLM's integer kernels take no float layer). ONNX artifacts are dropped: no MCU runs them.
+TARGET_DEFAULTS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "cpu": {},
+    "mcu": {
+        "quantize": {"allocator": "relevance", "bits": [4, 8], "budget": "avg-bits=6", "float_layers": []},
+        "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed", "mcu"], "mcu_source": "tflite-mixed"},
+        "bench": {"samples": 200},
+    },
+}
+#: bench targets that are microcontrollers (firmware on emulated Cortex-M)
+MCU_TARGETS = ("qemu-cortex-m4", "qemu-cortex-m7")
+CPU_TARGETS = ("local", "emulated-pi4", "emulated-pi5")
+
+
+def target_kind(target: Optional[str]) -> str:
+    """``mcu`` for the Cortex-M firmware targets, ``cpu`` for everything else (host, SSH, Pi)."""
+    return "mcu" if isinstance(target, str) and target.strip() in MCU_TARGETS else "cpu"
+
+
+def defaults_for(target: Optional[str] = None) -> Dict[str, Any]:
+    """``DEFAULT_RECIPE`` with the target kind's overrides (``TARGET_DEFAULTS``) applied."""
+    merged = copy.deepcopy(DEFAULT_RECIPE)
+    for stage, settings in TARGET_DEFAULTS[target_kind(target)].items():
+        merged[stage].update(copy.deepcopy(settings))
+    if target is not None:
+        merged["bench"]["target"] = target
+    return merged
+
+
+def example(target: Optional[str] = None) -> str:
+    """The commented default recipe; for a target with overrides, followed by them as YAML."""
+    if target is not None:
+        validate({}, "default recipe", target)  # an unknown target is refused, not shown the CPU default
+    overrides = TARGET_DEFAULTS[target_kind(target)]
+    if not overrides:
+        return EXAMPLE
+    import yaml
+
+    text = yaml.safe_dump({**copy.deepcopy(overrides),
+                           "bench": {**overrides.get("bench", {}), "target": target}}, sort_keys=False,
+                           default_flow_style=None)
+    return (EXAMPLE + f"\n# --- {target}: these defaults replace the ones above (a microcontroller's flash is\n"
+            "# the limit: relevance-chosen 4/8-bit weights, INT4 packed in the firmware; no float layers).\n"
+            "# Keys you set in your recipe still win.\n" + text)
 
 EXAMPLE = """\
 # toolchain compress recipe. Every key is optional; omitted keys take these defaults.
@@ -80,6 +134,7 @@ export:
   # tflite-mixed is the headline artifact (the plan above: int8 with the float layers);
   # also: tflite-fp16, tflite-int16x8, tflite-sparse, onnx-mixed, ...
   formats: [tflite-fp32, tflite-int8, tflite-mixed, onnx-fp32, onnx-int8, mcu]
+  mcu_source: tflite-int8  # the integer TFLite the MCU bundle (and its firmware) is made from: tflite-int8 | tflite-mixed
 verify:
   # every compressed artifact against the ORIGINAL model: more loss fails the run (nothing written)
   min_agreement: 0.9       # classifiers: top-1 agreement of each int8/mixed artifact with its Keras model
@@ -88,9 +143,14 @@ verify:
   max_auc_drop: 0.02       # autoencoders with anomaly labels: ROC AUC loss vs the original
 bench:
   enabled: true
-  target: local            # local | ssh://[user@]host[:port] | emulated-pi4 | emulated-pi5
+  target: local            # local | ssh://[user@]host[:port] | emulated-pi4 | emulated-pi5 |
+                           # qemu-cortex-m4 | qemu-cortex-m7 (firmware; their defaults differ: `--target`)
   runs: 200
   threads: [1]
+  # firmware targets (qemu-cortex-m*) only:
+  samples: null            # evaluation samples run in the firmware (null: the whole split; 200 by --target default)
+  kernels: cmsis-nn        # cmsis-nn | reference (TFLM's reference kernels)
+  reference: null          # an integer .tflite (e.g. the official int8 model) built and run the same way
 """
 
 
@@ -162,26 +222,36 @@ SCHEMA: Dict[str, Dict[str, Check]] = {
                  "qat_epochs": _int_range(0, MAX_EPOCHS),
                  "float_layers": Check(list, lambda v: all(isinstance(i, str) and i for i in v),
                                        'a list of kernel layer names or "first" ([] for none)')},
-    "export": {"formats": _list_of(str, lambda f: True, "a non-empty list of format names")},
+    "export": {"formats": _list_of(str, lambda f: True, "a non-empty list of format names"),
+               "mcu_source": _choice("tflite-int8", "tflite-mixed")},
     "verify": {"min_agreement": _number(0, 1),
                "max_accuracy_drop": _number(0, 1),
                "max_mse_increase": _number(0, 1000),
                "max_auc_drop": _number(0, 1)},
     "bench": {"enabled": Check(bool), "target": Check(str), "runs": _int_range(1, MAX_RUNS),
               "threads": _list_of(int, lambda t: 1 <= t <= MAX_THREADS,
-                                  f"a non-empty list of thread counts in [1, {MAX_THREADS}]")},
+                                  f"a non-empty list of thread counts in [1, {MAX_THREADS}]"),
+              "samples": Check((int, type(None)), lambda v: v is None or 1 <= v <= MAX_SAMPLES,
+                               f"an integer in [1, {MAX_SAMPLES}] or null"),
+              "kernels": _choice("cmsis-nn", "reference"),
+              "reference": Check((str, type(None)), lambda v: v is None or bool(v.strip()),
+                                 "a path to an integer .tflite, or null")},
 }
 
 
-def validate(recipe: Any, source: str = "recipe") -> Dict[str, Any]:
-    """The recipe merged over the defaults; ``ConfigError`` listing every problem with its key path."""
+def validate(recipe: Any, source: str = "recipe", target: Optional[str] = None) -> Dict[str, Any]:
+    """The recipe merged over the defaults of its target (``target``, else the recipe's own
+    ``bench.target``; ``defaults_for``); ``ConfigError`` listing every problem with its key path."""
     problems: List[str] = []
     if recipe is None:
         recipe = {}
     if not isinstance(recipe, dict):
         raise ConfigError(f"{source} must be a mapping of stage names to settings, got {type(recipe).__name__}; "
                           "see `toolchain recipe --example`")
-    merged = copy.deepcopy(DEFAULT_RECIPE)
+    given_target = target
+    if target is None and isinstance(recipe.get("bench"), dict) and isinstance(recipe["bench"].get("target"), str):
+        target = recipe["bench"]["target"]
+    merged = defaults_for(target)
     for stage, settings in recipe.items():
         if stage == "task":  # the one top-level scalar
             if settings not in TASK_CHOICES:
@@ -227,6 +297,8 @@ def validate(recipe: Any, source: str = "recipe") -> Dict[str, Any]:
                 problems.append(f"{path}: {_short(value)} is not {check.allowed}")
             else:
                 merged[stage][key] = value
+    if given_target is not None:  # --target overrides the recipe's bench.target
+        merged["bench"]["target"] = given_target
     problems.extend(_cross_checks(merged))
     given = (recipe.get("quantize") or {}) if isinstance(recipe.get("quantize"), dict) else {}
     if given.get("float_layers") and merged["quantize"]["enabled"] and not any(
@@ -256,16 +328,26 @@ def _cross_checks(recipe: Dict[str, Any]) -> List[str]:
             out.append(f"relevance.rule: {_short(recipe['relevance']['rule'])} is not one of {', '.join(RULES)}")
     except ImportError:  # pragma: no cover - the relevance package is part of the toolchain
         pass
+    formats = recipe["export"]["formats"]
+    if "mcu" in formats and recipe["export"]["mcu_source"] == "tflite-mixed":
+        if not recipe["quantize"]["enabled"]:
+            out.append("export.mcu_source: tflite-mixed needs the bit plan, and quantize.enabled is false; "
+                       "set export.mcu_source: tflite-int8 or enable quantize")
+        elif recipe["quantize"]["float_layers"]:
+            out.append(f"export.mcu_source: tflite-mixed cannot feed the microcontroller with float layers "
+                       f"(quantize.float_layers: {_short(recipe['quantize']['float_layers'])}); set "
+                       "quantize.float_layers: [] or export.mcu_source: tflite-int8")
     target = recipe["bench"]["target"]
-    if not (target in ("local", "emulated-pi4", "emulated-pi5") or target.startswith("ssh://")):
-        out.append(f"bench.target: {_short(target)} is not local, ssh://[user@]host[:port], emulated-pi4 or emulated-pi5")
+    if not (target in CPU_TARGETS + MCU_TARGETS or target.startswith("ssh://")):
+        out.append(f"bench.target: {_short(target)} is not {', '.join(CPU_TARGETS)}, ssh://[user@]host[:port], "
+                   f"{' or '.join(MCU_TARGETS)}")
     return out
 
 
-def load_recipe(path: Optional[str]) -> Dict[str, Any]:
-    """Read and validate a YAML recipe; ``None`` gives the default recipe."""
+def load_recipe(path: Optional[str], target: Optional[str] = None) -> Dict[str, Any]:
+    """Read and validate a YAML recipe; ``None`` gives the default recipe (of ``target``'s kind)."""
     if path is None:
-        return validate({}, "default recipe")
+        return validate({}, "default recipe", target)
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe {p} does not exist; pass a YAML file (`toolchain recipe --example > recipe.yaml`)")
@@ -287,7 +369,7 @@ def load_recipe(path: Optional[str]) -> Dict[str, Any]:
         raise ConfigError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     except RecursionError:
         raise ConfigError(f"recipe {p} is nested too deeply to be a recipe; see `toolchain recipe --example`") from None
-    return validate(data, f"recipe {p}")
+    return validate(data, f"recipe {p}", target)
 
 
 class _AliasRefused(Exception):
