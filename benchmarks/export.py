@@ -61,10 +61,9 @@ def main(argv=None) -> int:
 
     from toolchain.data import load_dataset
     from toolchain.export import export
-    from toolchain.export.tflite_backend import run_tflite
     from toolchain.model_io import load_model
     from toolchain.quantize.bitplan import BitPlan
-    from toolchain.verify import runtime_for
+    from toolchain.run import run_artifact
 
     model = load_model(KWS_MODEL)
     ds = load_dataset("kws01")
@@ -83,8 +82,8 @@ def main(argv=None) -> int:
     y_all = np.concatenate([ds.y_train, ds.y_eval])
     keras_all = model.predict(x_all, batch_size=256, verbose=0).argmax(1)
     keras_eval = keras_all[len(ds.y_train):]
-    official_eval = run_tflite(KWS_INT8, ds.x_eval).argmax(1)
-    official_all = run_tflite(KWS_INT8, x_all).argmax(1)
+    official_eval = run_artifact(KWS_INT8, ds.x_eval).argmax(1)
+    official_all = run_artifact(KWS_INT8, x_all).argmax(1)
     rows = [{
         "format": "official kws_ref_model_int8.tflite", "bytes": KWS_INT8.stat().st_size,
         "accuracy_eval": float(np.mean(official_eval == ds.y_eval)),
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
     }]
     for fmt, art in bundle.artifacts.items():
         c = bundle.verify[fmt]
-        acc_all = float(np.mean(runtime_for(art)(x_all).argmax(1) == y_all))
+        acc_all = float(np.mean(run_artifact(art, x_all).argmax(1) == y_all))
         rows.append({"format": fmt, "bytes": art.size_bytes, "accuracy_eval": c.accuracy,
                      "accuracy_all": acc_all, "agreement": c.agreement,
                      "max_abs_diff": c.max_abs_diff, "mean_abs_diff": c.mean_abs_diff})

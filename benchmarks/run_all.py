@@ -55,9 +55,9 @@ def gz(path) -> int:
 
 
 def tflite_accuracy(path, x, y) -> float:
-    from toolchain.export.tflite_backend import TfliteRunner
+    from toolchain.run import run_artifact
 
-    return float((np.argmax(TfliteRunner(str(path))(x), -1) == y).mean())
+    return float((np.argmax(run_artifact(path, x), -1) == y).mean())
 
 
 def measure(path, data_spec, runs, out_dir, quiet=True) -> dict:
@@ -122,9 +122,9 @@ def run_case(name: str, model_path: Path, data_spec: str, runs: int, work: Path,
         if fmt.startswith("tflite"):
             row["accuracy"] = tflite_accuracy(path, x, y)
         else:
-            from toolchain.export.onnx_backend import run_onnx
+            from toolchain.run import run_artifact
 
-            row["accuracy"] = float((np.argmax(run_onnx(str(path), x), -1) == y).mean())
+            row["accuracy"] = float((np.argmax(run_artifact(path, x), -1) == y).mean())
         row.update(measure(path, data_spec, runs, work / "bench" / f"{name}_{flow}_{fmt}".replace(" ", "_")))
         rows.append(row)
         print(f"  {flow:18s} {fmt:13s} {row['bytes']:>8,} B  acc {row['accuracy']:.2%}  p50 {row['p50_ms']:.4f} ms",

@@ -24,6 +24,11 @@ seeded random inputs of the model's shape (no accuracy).
 
 Failures print a JSON object with an ``error`` kind instead and exit 3 (a runtime is missing:
 ``install`` says what to ``pip install``) or 2 (bad artifact or inputs).
+
+The same backends are the toolchain's one way to run an artifact (verification, the MCU check,
+benchmarks): ``infer(backend, x)`` runs a whole batch of samples, quantizing float inputs and
+dequantizing integer outputs with the model's own scale and zero point, and
+``TFLiteBackend(..., reference_kernels=True)`` selects TFLite's reference kernels.
 """
 from __future__ import annotations
 
@@ -58,6 +63,8 @@ DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 10
 RANDOM_SAMPLES = 16
 PERCENTILES = (50, 90, 99)
+#: samples per invoke when ``infer`` runs a whole array (a fixed batch dimension wins)
+INFER_BATCH = 64
 
 
 class RunnerError(Exception):
@@ -171,16 +178,25 @@ def _io_spec(name, dtype, shape, quantization=None) -> dict:
 
 
 class TFLiteBackend:
-    """One TFLite interpreter; ``xnnpack=False`` selects the builtin kernels without delegates."""
+    """One TFLite interpreter; ``xnnpack=False`` selects the builtin kernels without delegates,
+    ``reference_kernels=True`` TFLite's reference kernels (what tflite-micro's are checked against).
+
+    ``path`` is a file or the ``.tflite`` bytes themselves."""
 
     format = "tflite"
 
-    def __init__(self, path: str, threads: int, xnnpack: bool = True, runtime: str | None = None):
+    def __init__(self, path, threads: int, xnnpack: bool = True, runtime: str | None = None,
+                 reference_kernels: bool = False):
         t0 = time.perf_counter()
         Interpreter, OpResolverType, self.runtime = import_tflite(runtime)
         self.import_ms = (time.perf_counter() - t0) * 1e3
-        kwargs = {"model_path": path, "num_threads": threads}
-        if not xnnpack:
+        given = isinstance(path, (bytes, bytearray))
+        shown = "the given .tflite bytes" if given else repr(path)
+        kwargs = {"model_content": bytes(path)} if given else {"model_path": path}
+        kwargs["num_threads"] = threads
+        if reference_kernels:
+            kwargs["experimental_op_resolver_type"] = OpResolverType.BUILTIN_REF
+        elif not xnnpack:
             kwargs["experimental_op_resolver_type"] = \
                 OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         t0 = time.perf_counter()
@@ -195,18 +211,19 @@ class TFLiteBackend:
                 self.interpreter.allocate_tensors()
             except (ValueError, RuntimeError) as e:
                 raise RunnerError(
-                    "artifact", f"cannot load {path!r} with {self.runtime['name']} "
+                    "artifact", f"cannot load {shown} with {self.runtime['name']} "
                                 f"{self.runtime['version']}: {e}; if an operator is unsupported, "
                                 "a newer runtime may have it") from None
         if len(inputs) != 1:
-            raise RunnerError("artifact", f"{path!r} has {len(inputs)} inputs; the runner feeds "
+            raise RunnerError("artifact", f"{shown} has {len(inputs)} inputs; the runner feeds "
                                           "exactly one input tensor")
         self.load_ms = (time.perf_counter() - t0) * 1e3
-        self.xnnpack = bool(xnnpack)
+        self.xnnpack = bool(xnnpack) and not reference_kernels
+        self.reference_kernels = bool(reference_kernels)
         # TFLite logs "Created TensorFlow Lite XNNPACK delegate" when the delegate is applied;
         # without the line we cannot tell, so say unknown rather than guess.
-        self.xnnpack_applied = ("XNNPACK delegate" in log.text) if xnnpack else False
-        if xnnpack and not self.xnnpack_applied:
+        self.xnnpack_applied = ("XNNPACK delegate" in log.text) if self.xnnpack else False
+        if self.xnnpack and not self.xnnpack_applied:
             self.xnnpack_applied = None
         self._in = self.interpreter.get_input_details()[0]
         self._out = self.interpreter.get_output_details()[0]
@@ -215,8 +232,18 @@ class TFLiteBackend:
         self.output = _io_spec(self._out["name"], self._out["dtype"],
                                self._out["shape"].tolist(), self._out["quantization"])
         self.threads = threads
+        self.fixed_batch = None  # TFLite resizes the batch axis of any input
+        self._batch = int(self._in["shape"][0]) if len(self._in["shape"]) else None
 
     def predict(self, x):
+        """Raw outputs for ``x`` (a batch of any size in the input's dtype)."""
+        if len(self._in["shape"]) and len(x) != self._batch:
+            shape = [len(x)] + list(self._in["shape"][1:])
+            self.interpreter.resize_tensor_input(self._in["index"], shape, strict=False)
+            self.interpreter.allocate_tensors()
+            self._in = self.interpreter.get_input_details()[0]
+            self._out = self.interpreter.get_output_details()[0]
+            self._batch = len(x)
         self.interpreter.set_tensor(self._in["index"], x)
         self.interpreter.invoke()
         return self.interpreter.get_tensor(self._out["index"])
@@ -254,14 +281,20 @@ class OnnxBackend:
                                           "exactly one input tensor")
         self._in_name, self._out_name = inputs[0].name, outputs[0].name
 
-        def spec(arg):
+        for arg in (inputs[0], outputs[0]):
             if arg.type not in _ORT_TYPES:
                 raise RunnerError("artifact", f"{path!r} tensor {arg.name!r} has type {arg.type};"
                                               f" the runner handles {', '.join(_ORT_TYPES)}")
+        integer = [a.name for a in (inputs[0], outputs[0]) if _ORT_TYPES[a.type][0] in "iu"]
+        grids = _qdq_grids(path, integer) if integer else {}
+
+        def spec(arg):
             shape = [1 if i == 0 else d for i, d in enumerate(arg.shape)]
-            return _io_spec(arg.name, _ORT_TYPES[arg.type], shape)
+            return _io_spec(arg.name, _ORT_TYPES[arg.type], shape, grids.get(arg.name))
 
         self.input, self.output = spec(inputs[0]), spec(outputs[0])
+        batch = inputs[0].shape[0] if inputs[0].shape else None
+        self.fixed_batch = batch if isinstance(batch, int) else None
         self.xnnpack = None
         self.xnnpack_applied = None
         self.threads = threads
@@ -270,11 +303,41 @@ class OnnxBackend:
         return self.session.run([self._out_name], {self._in_name: x})[0]
 
 
+def _qdq_grids(path: str, names) -> dict:
+    """``{tensor: (scale, zero_point)}`` of integer graph inputs/outputs, read from the
+    DequantizeLinear that consumes an input or the QuantizeLinear that writes an output (ONNX
+    Runtime does not expose them). Needs the ``onnx`` package; without it, or without such a node
+    beside a tensor, the tensor has no grid and only integer data can be fed or read."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return {}
+    graph = onnx.load(path).graph
+    inits = {t.name: t for t in graph.initializer}
+    grids = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input and node.input[0] in names:
+            name = node.input[0]
+        elif node.op_type == "QuantizeLinear" and node.output and node.output[0] in names:
+            name = node.output[0]
+        else:
+            continue
+        if node.input[1] not in inits or (len(node.input) > 2 and node.input[2] not in inits):
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 else np.zeros(())
+        if scale.size == 1 and zp.size == 1:  # per-tensor grids only: one scale per sample value
+            grids.setdefault(name, (float(scale.reshape(())), int(zp.reshape(()))))
+    return grids
+
+
 BACKENDS = {".tflite": TFLiteBackend, ".onnx": OnnxBackend}
 
 
 def open_backend(path: str, threads: int = 1, xnnpack: bool = True, runtime: str | None = None,
-                 backends=None):
+                 backends=None, reference_kernels: bool = False):
+    """The backend for ``path`` by its suffix; ``reference_kernels`` is for ``.tflite`` only."""
     backends = backends or BACKENDS
     if not os.path.exists(path):
         raise RunnerError("artifact", f"{path!r} does not exist; check the path")
@@ -284,6 +347,11 @@ def open_backend(path: str, threads: int = 1, xnnpack: bool = True, runtime: str
         kinds = ", ".join("a directory" if k == "/" else k for k in sorted(backends))
         given = {"/": "a directory", "": "a file without suffix"}.get(ext, f"a {ext} file")
         raise RunnerError("artifact", f"{path!r} is {given}; this runner measures {kinds}")
+    if reference_kernels:
+        if backends[ext] is not TFLiteBackend:
+            raise RunnerError("usage", f"reference kernels are TFLite's; {path!r} is not a .tflite "
+                                       "file, so run it without them")
+        return TFLiteBackend(path, threads, xnnpack, runtime, reference_kernels=True)
     return backends[ext](path, threads, xnnpack, runtime)
 
 
@@ -335,7 +403,8 @@ def prepare_inputs(x, spec: dict, x_quantization=None):
             x = (x.astype(np.float32) - zp) * scale
         scale, zp = spec["quantization"]
         info = np.iinfo(want)
-        q = np.round(x.astype(np.float64) / scale) + zp
+        # float32 arithmetic, as TFLite's QUANTIZE kernel rounds x / scale
+        q = np.round(x.astype(np.float32) / np.float32(scale)) + zp
         return np.clip(q, info.min, info.max).astype(want)
     raise RunnerError("inputs", f"the model input dtype {want.name} is not supported; the runner "
                                 "feeds float, int8 and uint8 inputs")
@@ -418,11 +487,37 @@ def machine_info() -> dict:
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "cpu": cpu}
 
 
-def _dequantize(out, spec):
-    if spec["quantization"] is not None and np.dtype(spec["dtype"]).kind in "iu":
+def dequantize(out, spec: dict):
+    """Float32 outputs: integer outputs mapped through the output's (scale, zero_point)."""
+    if np.dtype(spec["dtype"]).kind in "iu":
+        if spec["quantization"] is None:
+            raise RunnerError("artifact", f"the model output {spec['name']!r} is "
+                                          f"{spec['dtype']} without a quantization scale, so its "
+                                          "values cannot be read as floats; export with float "
+                                          "outputs or a scale")
         scale, zp = spec["quantization"]
-        return (out.astype(np.float32) - zp) * scale
+        return ((out.astype(np.float32) - zp) * np.float32(scale)).astype(np.float32)
     return out.astype(np.float32)
+
+
+def infer(backend, x, batch_size: int = INFER_BATCH, x_quantization=None):
+    """Float32 outputs of ``backend`` on every sample of ``x`` (N, ...), ``batch_size`` samples
+    per invoke (the model's fixed batch size when it has one): float inputs are quantized with
+    the model's input grid (:func:`prepare_inputs`), integer outputs dequantized with the output's."""
+    x = prepare_inputs(x, backend.input, x_quantization)
+    step = backend.fixed_batch or batch_size
+    outs = [np.asarray(backend.predict(x[i:i + step])) for i in range(0, len(x), step)]
+    if not outs:
+        shape = [0] + [d if d and d > 0 else 1 for d in backend.output["shape"][1:]]
+        return np.zeros(shape, np.float32)
+    return dequantize(np.concatenate(outs), backend.output)
+
+
+def _dequantize(out, spec):
+    """Like :func:`dequantize`, but integer outputs without a grid are scored as their values."""
+    if spec["quantization"] is None:
+        return out.astype(np.float32)
+    return dequantize(out, spec)
 
 
 def measure(backend, x, y=None, runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,

@@ -212,13 +212,13 @@ def checked(int8_tflite, tmp_path_factory):
 
 
 def test_bundle_runs_in_tflite_micro_like_tflite(checked, int8_tflite):
-    from toolchain.export.tflite_backend import TfliteRunner
+    from toolchain.run import run_artifact
 
     m = checked.micro
     ds = digits()
     assert m.samples == min(200, len(ds.x_eval))
     assert m.top1_agreement >= 0.95
-    tflite_acc = float((TfliteRunner(int8_tflite.path)(ds.x_eval[:m.samples]).argmax(-1)
+    tflite_acc = float((run_artifact(int8_tflite.path, ds.x_eval[:m.samples]).argmax(-1)
                         == ds.y_eval[:m.samples]).mean())
     assert m.tflite_accuracy == pytest.approx(tflite_acc)
     assert abs(m.micro_accuracy - tflite_acc) <= 1 - m.top1_agreement + 1e-9

@@ -3,7 +3,7 @@
 An :class:`Artifact` is plain data: which format, where the file is, how big it is,
 its checksum, and ``metadata`` read back *from the written file* (per-layer storage
 types, opset, input/output dtypes and quantization parameters).  Backends return one
-per file they write; :mod:`toolchain.verify` runs it in its own runtime.
+per file they write; :mod:`toolchain.run` runs it in its own runtime.
 """
 from __future__ import annotations
 
@@ -89,15 +89,3 @@ def make_artifact(format: str, path, metadata: Mapping[str, Any] | None = None) 
         metadata=dict(metadata or {}),
     )
 
-
-def run_artifact(artifact: Artifact, x):
-    """Float outputs of ``artifact`` on float inputs ``x``, in the artifact's own runtime
-    (``tf.lite.Interpreter`` or ONNX Runtime; integer I/O is quantized with the file's own
-    parameters)."""
-    if artifact.runtime == "onnx":
-        from toolchain.export.onnx_backend import run_onnx
-
-        return run_onnx(artifact.path, x)
-    from toolchain.export.tflite_backend import run_tflite
-
-    return run_tflite(artifact.path, x)

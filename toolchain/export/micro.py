@@ -183,7 +183,7 @@ def check_in_micro(data: bytes, x: np.ndarray, y: Optional[np.ndarray] = None,
     """Run ``data`` (an integer-I/O ``.tflite``) in tflite-micro on the first ``samples`` float
     inputs of ``x`` and compare with TFLite's interpreter on ``reference`` (the artifact the bundle
     was made from; default: the same bytes)."""
-    from toolchain.export.tflite_backend import TfliteRunner
+    from toolchain.run import run_artifact
 
     n = min(int(samples), len(x))
     if n == 0:
@@ -191,7 +191,7 @@ def check_in_micro(data: bytes, x: np.ndarray, y: Optional[np.ndarray] = None,
     x = np.asarray(x[:n], dtype=np.float32)
     info, micro = _in_child("_run_micro_here", data, x, {}, name)
     out_scale, arena = info["out_scale"], info["arena"]
-    ref = TfliteRunner(reference if reference is not None else data)(x).reshape(n, -1)
+    ref = run_artifact(reference if reference is not None else data, x).reshape(n, -1)
     steps = int(np.round(np.abs(micro - ref).max() / out_scale)) if out_scale > 0 else 0
     agreement = float((micro.argmax(-1) == ref.argmax(-1)).mean())
     if agreement < MIN_AGREEMENT:

@@ -81,7 +81,6 @@ STORAGE_BITS: Mapping[str, int] = {"int4": 4, "int8": 8, "int16": 16}
 #: relative tolerance of the kernel-by-value match (BN folding rescales each output channel)
 FOLD_RTOL = 1e-3
 CALIBRATION_BATCH = 32
-RUN_BATCH = 256
 #: ops whose output the quantizer quantizes in place of the kernel's (they get removed in QDQ)
 _REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
 _DEFAULT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
@@ -805,60 +804,13 @@ def export_onnx_mixed(model, calib_x, plan, out_path, opset: int = 13) -> Artifa
 # running
 
 
-def _dequant_params(proto, name: str, consumer_side: bool):
-    """(scale, zero point) of the Q/DQ node that reads (input) or writes (output) tensor ``name``."""
-    from onnx import numpy_helper
+def run_onnx(path, x: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
+    """Float32 outputs of an ONNX file on ``x`` in ONNX Runtime (CPU): float inputs quantized and
+    integer outputs dequantized with the graph's own Q/DQ parameters when the file has integer I/O
+    (:func:`toolchain.run.run_artifact`)."""
+    from toolchain.run import BATCH_SIZE, run_artifact
 
-    inits = {t.name: t for t in proto.graph.initializer}
-    for n in proto.graph.node:
-        hit = (n.op_type == "DequantizeLinear" and n.input and n.input[0] == name) if consumer_side \
-            else (n.op_type == "QuantizeLinear" and n.output and n.output[0] == name)
-        if hit:
-            scale = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
-            zp = numpy_helper.to_array(inits[n.input[2]]).astype(np.int64) if len(n.input) > 2 else np.int64(0)
-            return scale, zp
-    raise ConversionError(f"the ONNX graph has an integer tensor {name!r} without a Q/DQ node beside it; "
-                          "its scale is unknown, so float data cannot be fed or read")
-
-
-def run_onnx(path, x: np.ndarray, batch_size: int = RUN_BATCH) -> np.ndarray:
-    """Run an ONNX file on ``x`` with ONNX Runtime (CPU) and return float32 outputs.
-
-    Float inputs are quantized (and integer outputs dequantized) with the graph's own Q/DQ
-    parameters when the file has integer I/O; integer ``x`` of the input's type is fed as is.
-    """
-    import onnx
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ONNX file {str(path)!r} does not exist; pass the path of an exported artifact")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
-    x = np.asarray(x)
-    proto = None
-    if inp.type != "tensor(float)":
-        proto = onnx.load(str(path))
-        want = np.dtype(inp.type[len("tensor("):-1])
-        if x.dtype != want:
-            if x.dtype.kind != "f":
-                raise DataError(f"input has dtype {x.dtype}; the graph takes {want} or float data")
-            scale, zp = _dequant_params(proto, inp.name, consumer_side=True)
-            info = np.iinfo(want)
-            x = np.clip(np.round(x / scale) + zp, info.min, info.max).astype(want)
-    else:
-        x = x.astype(np.float32, copy=False)
-    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
-    step = fixed or batch_size
-    chunks = [sess.run([out.name], {inp.name: x[i:i + step]})[0] for i in range(0, len(x), step)]
-    y = np.concatenate(chunks) if chunks else np.zeros((0,) + tuple(out.shape[1:]), np.float32)
-    if out.type != "tensor(float)":
-        proto = proto or onnx.load(str(path))
-        scale, zp = _dequant_params(proto, out.name, consumer_side=False)
-        y = (y.astype(np.float32) - zp) * scale
-    return y.astype(np.float32, copy=False)
+    return run_artifact(path, x, batch_size or BATCH_SIZE)
 
 
 __all__ = [

@@ -165,66 +165,9 @@ def export_tflite(model, variant: str, out_path, calib_x: Optional[np.ndarray] =
 # Runtime
 
 
-class TfliteRunner:
-    """Runs a ``.tflite`` in ``tf.lite.Interpreter`` on float inputs and returns float outputs
-    (integer I/O is quantized/dequantized with the file's own scale and zero point)."""
-
-    def __init__(self, path_or_bytes, batch_size: int = 64, num_threads: int = 1):
-        import tensorflow as tf
-
-        kw = {"model_content": path_or_bytes} if isinstance(path_or_bytes, (bytes, bytearray)) \
-            else {"model_path": str(path_or_bytes)}
-        self._interp = tf.lite.Interpreter(num_threads=num_threads, **kw)
-        self._in = self._interp.get_input_details()[0]
-        self._out = self._interp.get_output_details()[0]
-        self.batch_size = batch_size
-        self._batch = None
-
-    @property
-    def input_details(self):
-        return self._in
-
-    @property
-    def output_details(self):
-        return self._out
-
-    def _resize(self, n: int) -> None:
-        if self._batch == n:
-            return
-        shape = list(self._in["shape"])
-        shape[0] = n
-        self._interp.resize_tensor_input(self._in["index"], shape, strict=False)
-        self._interp.allocate_tensors()
-        self._in = self._interp.get_input_details()[0]
-        self._out = self._interp.get_output_details()[0]
-        self._batch = n
-
-    def _quantize(self, x: np.ndarray) -> np.ndarray:
-        dt = np.dtype(self._in["dtype"])
-        if dt.kind == "f":
-            return x.astype(dt)
-        scale, zp = self._in["quantization"]
-        info = np.iinfo(dt)
-        return np.clip(np.round(x / scale) + zp, info.min, info.max).astype(dt)
-
-    def _dequantize(self, y: np.ndarray) -> np.ndarray:
-        if np.dtype(self._out["dtype"]).kind == "f":
-            return y.astype(np.float32)
-        scale, zp = self._out["quantization"]
-        return ((y.astype(np.float32) - zp) * scale).astype(np.float32)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        outs = []
-        for start in range(0, len(x), self.batch_size):
-            chunk = x[start:start + self.batch_size]
-            self._resize(len(chunk))
-            self._interp.set_tensor(self._in["index"], self._quantize(chunk))
-            self._interp.invoke()
-            outs.append(self._dequantize(self._interp.get_tensor(self._out["index"])).copy())
-        return np.concatenate(outs, axis=0)
-
-
 def run_tflite(path_or_bytes, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Float outputs of a ``.tflite`` on float inputs ``x`` (integer I/O handled)."""
-    return TfliteRunner(path_or_bytes, batch_size=batch_size)(x)
+    """Float outputs of a ``.tflite`` (file or bytes) on float inputs ``x`` (integer I/O handled):
+    :func:`toolchain.run.run_artifact`."""
+    from toolchain.run import run_artifact
+
+    return run_artifact(path_or_bytes, x, batch_size)

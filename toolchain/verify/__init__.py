@@ -1,8 +1,9 @@
 """Verification: every exported artifact runs in its own runtime and is compared with its Keras model.
 
-``verify(artifacts, reference, dataset)`` loads each :class:`~toolchain.export.artifact.Artifact`
-in the runtime that will execute it on the device side (``tf.lite.Interpreter`` for ``tflite-*``,
-ONNX Runtime for ``onnx-*``), runs the evaluation split, and reports per artifact
+``verify(artifacts, reference, dataset)`` loads each exported artifact in the runtime that will
+execute it on the device side (TFLite's interpreter for ``tflite-*``, ONNX Runtime for ``onnx-*``,
+through the device runner's backends: :mod:`toolchain.run`), runs the evaluation split, and
+reports per artifact
 
 * ``accuracy`` on the evaluation labels, next to the Keras model's,
 * ``agreement``: share of samples whose top-1 class equals the Keras model's,
@@ -197,9 +198,10 @@ def _check_overrides(overrides: Optional[Mapping[str, Thresholds]]) -> None:
 
 
 def runtime_for(artifact) -> Callable[[np.ndarray], np.ndarray]:
-    """A function float inputs -> float outputs running ``artifact`` in its own runtime."""
+    """A function float inputs -> float outputs running ``artifact`` in its own runtime
+    (:func:`toolchain.run.run_artifact`)."""
     if artifact.format.startswith(("onnx", "tflite")):
-        from toolchain.export.artifact import run_artifact
+        from toolchain.run import run_artifact
 
         return lambda x: run_artifact(artifact, x)
     raise ConfigError(f"artifact format {artifact.format!r} has no runtime to verify it in")
