@@ -25,6 +25,7 @@ COMMANDS = (
     "toolchain.commands.listing",
     "toolchain.commands.compress",
     "toolchain.commands.recipe",
+    "toolchain.tune.command",
 )
 #: stage subcommands added as the stages land; a missing module is simply not offered
 OPTIONAL_COMMANDS = (

@@ -1,0 +1,223 @@
+"""`toolchain tune`: constraints, the search space, the front, and real searches on digits.
+
+The searches (Ray started by the command, and a two-worker local Ray cluster started by the test)
+run real `compress` trials and take minutes on a shared 2-core machine: they are marked slow."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from toolchain.cli import main
+from toolchain.errors import ConfigError
+from toolchain.tune.constraints import parse_constraints
+
+REPO = Path(__file__).resolve().parents[1]
+#: a trial's recipe that runs in tens of seconds on digits: few relevance samples, no distillation,
+#: TFLite only, a short benchmark
+FAST_RECIPE = {"relevance": {"samples": 100}, "prune": {"distill_steps": 0, "criterion": "relevance"},
+               "quantize": {"allocator": "relevance"},
+               "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed"]}, "bench": {"runs": 20}}
+#: what a constraint leaves of the digits CNN's int8 TFLite (~13 kB at sparsity 0.5, ~25 kB unpruned)
+FLASH_LIMIT = "flash<=14KB"
+#: a loaded 2-core machine starts a Ray head in 10-60 s
+RAY_START_TIMEOUT_S = 240
+
+
+def test_constraints_parse_with_units():
+    got = {c.name: c.limit for c in parse_constraints(["flash<=32KB", "latency<=500us", "drop<=1"])}
+    assert got == {"flash": 32_000, "latency": 0.5, "drop": 1.0}
+    assert parse_constraints(["flash <= 32KiB"])[0].limit == 32 * 1024
+    assert parse_constraints(["instructions<=8M"], target="qemu-cortex-m4")[0].limit == 8e6
+    assert parse_constraints(["ram<=20KB"], formats=["mcu"])[0].limit == 20_000
+
+
+def test_bad_constraints_are_one_error_naming_each_offender(tmp_path, capsys):
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"x")
+    code = main(["tune", "--model", str(model), "--data", "digits", "--constraint", "flash<=32XB",
+                 "--constraint", "speed<=3", "--constraint", "latency<=5", "--constraint", "flash>=1",
+                 "--constraint", "instructions<=8M", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: bad --constraint")
+    for part in ("'flash<=32XB' has unit 'xb'", "'speed<=3' limits 'speed'", "latency takes us, ms, s",
+                 "'flash>=1' is not NAME<=VALUE", "instruction counts come from qemu-cortex-m4"):
+        assert part in err, (part, err)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("texts,target,message", [
+    (["latency<=5ms"], "qemu-cortex-m4", "EMULATED INSTRUCTION COUNTS"),
+    (["ram<=20KB"], "local", "add mcu to the recipe's export.formats"),
+    (["flash<=1KB", "flash<=2KB"], "local", "a second time"),
+    (["flash<=0"], "local", "not a positive limit"),
+])
+def test_constraints_refused_with_the_fix(texts, target, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_constraints(texts, target=target)
+
+
+def test_tune_help_and_errors_do_not_import_ray_or_tensorflow(tmp_path):
+    code = ("import sys; from toolchain.cli import main; main(['tune', '--help']) if False else None;"
+            f"rc = main(['tune', '--model', {str(tmp_path / 'm.keras')!r}, '--data', 'digits', "
+            "'--constraint', 'nope<=1']); "
+            "print(rc, 'ray' in sys.modules, 'tensorflow' in sys.modules)")
+    (tmp_path / "m.keras").write_bytes(b"x")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.stdout.split() == ["2", "False", "False"], out.stdout + out.stderr
+
+
+def test_an_existing_tune_needs_resume_and_resume_needs_one(tmp_path):
+    from toolchain.tune.search import tune
+
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="has no experiment/ folder"):
+        tune(str(model), "digits", out=str(tmp_path / "new"), resume=True)
+    (tmp_path / "old" / "experiment").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="pass --resume to continue it"):
+        tune(str(model), "digits", out=str(tmp_path / "old"))
+
+
+def test_search_space_holds_the_recipes_keys_fixed_and_decodes_to_valid_recipes():
+    from ray.tune.search.sample import Domain
+
+    from toolchain.recipe import validate
+    from toolchain.tune.space import recipe_for, search_space
+
+    raw = {"prune": {"sparsity": 0.3}, "quantize": {"bits": [4, 8]}}
+    base = validate(raw)
+    space, start = search_space(base, raw, "local")
+    assert "prune.sparsity" not in space and "quantize.bits" not in space
+    assert {"prune.granularity", "quantize.allocator", "quantize.budget", "quantize.float_layers"} <= set(space)
+    assert all(isinstance(d, Domain) for d in space.values())
+    assert start["quantize.budget"] == 8.0 and start["quantize.float_layers"] == "first"
+    for config in (start, {**start, "quantize.budget": 4.5, "quantize.float_layers": "none",
+                           "prune.channel_multiple": 8}):
+        recipe = recipe_for(raw, config, "emulated-pi4")
+        merged = validate(yaml.safe_load(yaml.safe_dump(recipe)))  # what best.yaml holds, read back
+        assert merged["prune"]["sparsity"] == 0.3 and merged["quantize"]["bits"] == [4, 8]
+        assert merged["bench"]["target"] == "emulated-pi4"
+    assert merged["quantize"]["budget"] == "avg-bits=4.5" and merged["quantize"]["float_layers"] == []
+    assert merged["prune"]["channel_multiple"] == 8
+
+
+def test_pareto_front_and_scores():
+    from toolchain.tune.front import pareto_front
+    from toolchain.tune.trial import FAILED_SCORE, INFEASIBLE_SCORE, score
+
+    def t(i, size, drop, lat):
+        return {"trial_id": str(i), "numbers": {"flash_bytes": size, "drop_points": drop, "latency_ms": lat,
+                                                "original_fp32_bytes": 100_000}}
+    trials = [t(1, 10_000, 2.0, 1.0), t(2, 20_000, 0.5, 1.0), t(3, 20_000, 2.5, 1.2), t(4, 9_000, 2.0, 2.0)]
+    assert [x["trial_id"] for x in pareto_front(trials, ["flash_bytes", "drop_points", "latency_ms"])] == ["4", "1", "2"]
+    assert [x["trial_id"] for x in pareto_front(trials, ["flash_bytes", "drop_points"])] == ["4", "2"]
+    cons = [c.to_dict() for c in parse_constraints(["flash<=15KB", "drop<=1"])]
+    s1, v1 = score(trials[0]["numbers"], cons, "metric")
+    s2, v2 = score(trials[1]["numbers"], cons, "metric")
+    assert v1 == ["drop<=1"] and v2 == ["flash<=15KB"] and s1 > INFEASIBLE_SCORE and s2 > INFEASIBLE_SCORE
+    ok, none = score({**trials[1]["numbers"], "flash_bytes": 12_000}, cons, "size")
+    assert none == [] and ok == pytest.approx(0.12) and ok < INFEASIBLE_SCORE < FAILED_SCORE
+
+
+# -- real searches -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    from models import train_model
+    from toolchain.data import load_dataset
+
+    path = tmp_path_factory.mktemp("model") / "digits.keras"
+    train_model("digits_cnn", load_dataset("digits"), 4, path, verbose=0)
+    return path
+
+
+def _fast_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "fast.yaml"
+    path.write_text(yaml.safe_dump(FAST_RECIPE))
+    return path
+
+
+@pytest.mark.slow
+def test_tune_finds_a_recipe_meeting_flash_and_compress_reproduces_it(digits_model, tmp_path, capsys):
+    out = tmp_path / "tune"
+    code = main(["tune", "--model", str(digits_model), "--data", "digits", "--recipe", str(_fast_recipe(tmp_path)),
+                 "--constraint", FLASH_LIMIT, "--trials", "3", "--workers", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("[tune] trial ") == 3 and "min left" in err
+    doc = json.loads((out / "tune.json").read_text())
+    trials = {t["trial_id"]: t for t in json.loads((out / "trials.json").read_text())}
+    assert len(trials) == 3 and doc["best"] in trials and "re-measured serially" in doc["latency"]
+    best = trials[doc["best"]]
+    assert best["feasible"] and best["numbers"]["flash_bytes"] <= 14_000
+    assert best["numbers"]["latency_serial_ms"] > 0
+    assert (out / "front.png").stat().st_size > 0 and "## Pareto front" in (out / "front.md").read_text()
+
+    # best.yaml, as is, through compress: the same artifact size and accuracy as the trial
+    code = main(["compress", "--model", str(digits_model), "--data", "digits", "--recipe", str(out / "best.yaml"),
+                 "--out", str(tmp_path / "again"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    head = next(r for r in summary["artifacts"] if r["format"] == summary["headline_format"] and r["origin"] == "compressed")
+    assert head["size_bytes"] == best["numbers"]["flash_bytes"]
+    assert head["accuracy"] == pytest.approx(best["numbers"]["value"], abs=1e-9)
+
+    # a finished search resumes to the same result without new trials
+    code = main(["tune", "--model", str(digits_model), "--data", "digits", "--recipe", str(_fast_recipe(tmp_path)),
+                 "--constraint", FLASH_LIMIT, "--trials", "3", "--out", str(out), "--resume", "--quiet"])
+    assert code == 0
+    assert json.loads((out / "tune.json").read_text())["best"] == doc["best"]
+
+
+@pytest.mark.slow
+def test_tune_on_a_local_ray_cluster_of_two_worker_processes(digits_model, tmp_path, capsys):
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    if ray is None:
+        pytest.skip("the ray CLI is not installed beside this Python (pip install -r requirements.txt)")
+    temp = Path("/tmp") / f"raytest{os.getpid()}"  # Ray's socket paths must stay short
+    port = 6390 + os.getpid() % 500
+    # --block keeps `ray start` in the foreground as the parent of the cluster's processes, in a
+    # session of its own: the test ends exactly those processes (never `ray stop`, which stops
+    # every Ray on the machine)
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
+                             f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for_port(port, head)
+        out = tmp_path / "tune"
+        code = main(["tune", "--model", str(digits_model), "--data", "digits", "--recipe",
+                     str(_fast_recipe(tmp_path)), "--constraint", FLASH_LIMIT, "--trials", "2",
+                     "--address", f"127.0.0.1:{port}", "--out", str(out)])
+        assert code in (0, 3), capsys.readouterr().err
+        doc = json.loads((out / "tune.json").read_text())
+        assert doc["ray"] == f"127.0.0.1:{port}" and doc["concurrent_trials"] == 2
+        trials = json.loads((out / "trials.json").read_text())
+        assert len(trials) == 2 and all(t["numbers"]["flash_bytes"] > 0 for t in trials)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_port(port: int, head: subprocess.Popen, timeout_s: float = RAY_START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start --head exited with {head.returncode}: {head.stderr.read().decode()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(2)  # the GCS listens before the raylet has registered
+                return
+        time.sleep(1)
+    pytest.fail(f"the Ray head did not listen on port {port} within {timeout_s} s")
