@@ -84,3 +84,31 @@ def test_dense_autoencoder_is_judged_by_reconstruction_error_and_auc(tmp_path):
     report = (out / "report.md").read_text()
     assert "anomaly ROC AUC" in report and "MSE" in report and "accuracy" not in report.lower().replace(
         "accuracy_", "")
+
+
+BACKOFF = """
+relevance: {samples: 200}
+prune: {granularity: filter, sparsity: 0.9, distill_steps: 100, backoff_sparsities: [0.5, 0.1]}
+quantize: {enabled: false}
+export: {formats: [tflite-fp32]}
+bench: {enabled: false}
+"""
+
+
+def test_pruning_backs_off_when_the_calibration_split_loses_too_much(tmp_path):
+    """90% of the filters of a small CNN with only 100 distillation steps loses far more than the
+    backoff limit (0.5 x verify.max_accuracy_drop) on the calibration split, so pruning is redone at
+    the next lower sparsities until one passes; the choice is recorded in the summary and the run
+    keeps the last one tried (here 0.5 or 0.1, never 0.9)."""
+    _, summary = _compress(FIXTURES / "cnn_bn.h5", "digits", tmp_path, BACKOFF)
+    backoff = summary["prune"]["backoff"]
+    tried = [t["sparsity"] for t in backoff["tried"]]
+    assert tried in ([0.9, 0.5], [0.9, 0.5, 0.1]), backoff
+    assert backoff["max_drop"] == pytest.approx(0.5 * summary["recipe"]["verify"]["max_accuracy_drop"])
+    assert all(t["calibration_change"] > backoff["max_drop"] for t in backoff["tried"][:-1]), backoff
+    assert backoff["chosen"] == tried[-1] and backoff["passed"] == (backoff["tried"][-1]["calibration_change"]
+                                                                    <= backoff["max_drop"])
+    assert backoff["tried"][0]["calibration_accuracy"] < backoff["reference_calibration_accuracy"] - backoff["max_drop"]
+    assert summary["prune"]["sparsity"] <= 0.5 + 0.05, summary["prune"]["sparsity"]
+    assert summary["prune"]["settings"]["distill"]["train_samples"] > 200  # the whole digits training split
+

@@ -116,7 +116,9 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
     p = recipe["prune"]
     distill = DistillConfig.from_recipe(p)
     settings = {k: p[k] for k in ("criterion", "granularity", "mode", "sparsity", "fine_tune_epochs",
-                                  "auto_sparsities", "auto_max_drop", "channel_multiple")}
+                                  "auto_sparsities", "auto_max_drop", "channel_multiple", "backoff_sparsities",
+                                  "backoff_max_drop")}
+    settings["verify"] = {k: recipe["verify"][k] for k in GUARD_KEYS.values()}  # the backoff's limit
     # every distillation setting, not only the recipe's two: a changed default (augmentation) must
     # not reuse a model distilled the old way
     settings["distill"] = distill.to_dict()
@@ -138,7 +140,7 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
                      samples=recipe["relevance"]["samples"], fine_tune_epochs=epochs, channel_multiple=multiple,
                      distill=distillation, quiet=quiet)
 
-    auto = None
+    auto = backoff = None
     if p["mode"] == "auto":
         from toolchain.task import metric_change, mse_floor_for, primary_metric
 
@@ -165,13 +167,54 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
             return model, summary, False
         tuned = p["fine_tune_epochs"] or p["distill_steps"]
         result = run(chosen, p["fine_tune_epochs"], distill) if tuned else candidate
+    elif p["mode"] == "nonpositive":
+        result = run(None, p["fine_tune_epochs"], distill)
     else:
-        result = run(p["sparsity"], p["fine_tune_epochs"], distill)
+        result, backoff = _prune_with_backoff(run, model, dataset, recipe, distill, quiet)
     summary = result.summary()
     if auto is not None:
         summary["auto"] = auto
+    if backoff is not None:
+        summary["backoff"] = backoff
     stagecache.put(entry, summary, result.model)
     return result.model, summary, False
+
+
+def _prune_with_backoff(run, model, dataset, recipe, distill, quiet=True):
+    """Prune (and distil) at ``prune.sparsity``; when the result loses more than
+    ``prune.backoff_max_drop`` x the verify limit of the task's metric against the original on the
+    CALIBRATION split (the evaluation split never chooses), redo it at the next lower of
+    ``prune.backoff_sparsities``; the last one tried is kept. Only with recovery (distillation or
+    fine-tuning) on. Returns ``(PruneResult, record)``."""
+    from toolchain.task import metric_change, mse_floor_for, primary_metric
+
+    p = recipe["prune"]
+    x_cal, y_cal = dataset.calibration(min(recipe["relevance"]["samples"], len(dataset.x_train)))
+    metric, _ = primary_metric(dataset.task)
+    limit = float(p["backoff_max_drop"]) * float(recipe["verify"][GUARD_KEYS[metric]])
+    reference = _calibration_metrics(model, x_cal, y_cal, dataset.task)
+    # without recovery (no distillation, no fine-tuning) a sparsity is an experiment, run as asked
+    recovers = bool(p["distill_steps"] or p["fine_tune_epochs"])
+    lower = sorted({float(b) for b in p["backoff_sparsities"] if b < p["sparsity"]}, reverse=True)
+    sparsities = [p["sparsity"]] + (lower if recovers else [])
+    tried = []
+    for s in sparsities:
+        result = run(s, p["fine_tune_epochs"], distill)
+        got = _calibration_metrics(result.model, x_cal, y_cal, dataset.task)
+        change = metric_change(dataset.task, reference, got, mse_floor_for(y_cal))
+        drop = change.drop
+        distilled = (result.settings.get("distill") or {})
+        tried.append({"sparsity": s, f"calibration_{metric}": got[metric], "calibration_change": drop,
+                      "distill_steps_run": distilled.get("steps_run"), "distill_seconds": distilled.get("seconds")})
+        if drop <= limit:
+            break
+        if not quiet and s != sparsities[-1]:
+            print(f"prune: at sparsity {s:g} the pruned model's calibration {change.describe()} "
+                  f"breaks the backoff limit ({limit:.3g}, {p['backoff_max_drop']:g} x verify."
+                  f"{GUARD_KEYS[metric]}) on {len(x_cal)} calibration samples; pruning less", file=sys.stderr)
+    return result, {"metric": metric, f"reference_calibration_{metric}": reference[metric],
+                    "max_drop": limit, "tried": tried, "chosen": tried[-1]["sparsity"],
+                    "passed": tried[-1]["calibration_change"] <= limit}
 
 
 def plan_from_recipe(model, dataset, recipe, quiet: bool = True):

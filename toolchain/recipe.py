@@ -23,7 +23,8 @@ DEFAULT_RECIPE: Dict[str, Any] = {
     "prune": {"enabled": True, "criterion": "relevance", "granularity": "filter", "mode": "sparsity",
               "sparsity": 0.5, "auto_sparsities": [0.5, 0.4, 0.3, 0.2, 0.1], "auto_max_drop": 0.01,
               "channel_multiple": 1, "fine_tune_epochs": 0, "distill_steps": 48000, "distill_temperature": 1.0,
-              "distill_time_budget_s": 900},
+              "distill_time_budget_s": 900, "distill_data": "train",
+              "backoff_sparsities": [0.3, 0.15], "backoff_max_drop": 0.5},
     "quantize": {"enabled": True, "allocator": "uniform", "bits": [8], "budget": "avg-bits=8",
                  "granularity": "layer", "group_size": 8, "qat_epochs": 0, "float_layers": ["first"]},
     "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed", "onnx-fp32", "onnx-int8", "mcu"],
@@ -115,6 +116,15 @@ prune:
   distill_temperature: 1.0
   distill_time_budget_s: 900   # wall-clock budget of the distillation (null: none); DS-CNN's 48,000 steps
                                # take about 9 minutes on 2 cores, a MobileNetV1 at 96x96 would take hours
+  distill_data: train      # train: every training sample when the split has more than the calibration
+                           # samples (image folders), else the calibration samples | calibration
+  # mode sparsity with recovery (distillation or fine-tuning): after it the pruned model is checked
+  # on the CALIBRATION split (never the evaluation split); when it loses more than backoff_max_drop
+  # x the verify limit of the task's metric (0.5 x max_accuracy_drop = 2.5 points) against the
+  # original there, pruning is redone at the next lower of these sparsities ([] = never; the last
+  # one is kept whatever it loses, and the guard judges it)
+  backoff_sparsities: [0.3, 0.15]
+  backoff_max_drop: 0.5
 quantize:
   enabled: true
   # int8: on XNNPACK (TFLite's default CPU path) INT4 kernels run 3.5-4.4x slower than int8.
@@ -214,7 +224,12 @@ SCHEMA: Dict[str, Dict[str, Check]] = {
               "distill_steps": _int_range(0, MAX_DISTILL_STEPS),
               "distill_temperature": _number(0, 100, lo_open=True),
               "distill_time_budget_s": Check((int, float, type(None)), lambda v: v is None or (v == v and 0 < v <= 7 * 86400),
-                                             "a number of seconds in (0, 604800], or null for no budget")},
+                                             "a number of seconds in (0, 604800], or null for no budget"),
+              "distill_data": _choice("train", "calibration"),
+              "backoff_sparsities": Check(list, lambda v: all(isinstance(i, (int, float)) and not isinstance(i, bool)
+                                                              and math.isfinite(i) and 0 <= i < 1 for i in v),
+                                          "a list of numbers in [0, 1) ([] for none)"),
+              "backoff_max_drop": _number(0, 1)},
     "quantize": {"enabled": Check(bool), "allocator": _choice("relevance", "uniform", "sensitivity"),
                  "bits": _list_of(int, lambda b: b in (2, 3, 4, 5, 6, 7, 8, 16), "a non-empty list of widths from 2..8, 16"),
                  "budget": Check(str, _budget_ok, "avg-bits=B, size-kb=K or total-bits=N with a positive finite number"),

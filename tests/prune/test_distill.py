@@ -213,3 +213,20 @@ def test_early_stopping_by_default_watches_the_clean_calibration_samples():
     steps, losses = zip(*history["heldout_loss"])
     now = float(np.mean((student.predict(x, verbose=0) - teacher.predict(x, verbose=0)) ** 2))
     assert now == pytest.approx(min(losses), rel=1e-4)
+
+
+def test_distillation_trains_on_the_whole_training_split_and_watches_calibration(trained, digits, cache_dir):
+    """The digits training split holds more samples than the 200 calibration samples: the student
+    is distilled on all of them (``data="train"``, the default), agreement and early stopping watch
+    the calibration samples; ``data="calibration"`` keeps to the first 200."""
+    config = DistillConfig(steps=60, eval_every=30)
+    r = prune(trained, digits, "magnitude", "filter", sparsity=0.3, samples=200, distill=config, quiet=True)
+    d = r.settings["distill"]
+    assert len(digits.x_train) > 200
+    assert d["train_samples"] == len(digits.x_train) and d["monitor_samples"] == 200, d
+    assert d["heldout_loss"], d
+    r = prune(trained, digits, "magnitude", "filter", sparsity=0.3, samples=200, quiet=True,
+              distill=DistillConfig(steps=60, data="calibration"))
+    assert r.settings["distill"]["train_samples"] == 200 == r.settings["distill"]["monitor_samples"]
+    with pytest.raises(ConfigError, match="data 'all' is not one of train, calibration"):
+        DistillConfig(data="all")

@@ -178,8 +178,9 @@ def prune(model, dataset, criterion: str = "relevance", granularity: str = "weig
     ``schedule``: "one_shot", "iterative" (``iterations`` relevance re-estimations, polynomial ramp)
     or a tfmot ``PruningSchedule`` whose steps count fine-tuning batches.
     ``distill``: a ``DistillConfig`` (or ``None``); after pruning and fine-tuning, the pruned model
-    is distilled from ``model`` on augmented calibration samples (no labels needed, see
-    ``toolchain.prune.distill``).
+    is distilled from ``model`` on augmented samples (no labels needed, see
+    ``toolchain.prune.distill``): the whole training split when it holds more than the calibration
+    samples and ``distill.data`` is "train", else the calibration samples.
     ``channel_multiple`` (filter granularity, sparsity targets): every pruned group keeps a
     multiple of this many channels (rounded to the nearest multiple, at least one multiple), the
     most relevant ones, for kernels that prefer some channel multiple (on XNNPACK here 24 and 28
@@ -318,8 +319,12 @@ def prune(model, dataset, criterion: str = "relevance", granularity: str = "weig
     if distill is not None and distill.steps:
         from toolchain.prune.distill import distill as run_distill
 
-        distill_history = run_distill(work, model, x_cal, distill,
-                                      masks=masks if granularity == "weight" else None, quiet=quiet)
+        # every training sample when the split has more than the calibration prefix (image folders:
+        # thousands); early stopping and agreement still watch the clean calibration samples
+        more = distill.data == "train" and len(dataset.x_train) > len(x_cal)
+        distill_history = run_distill(work, model, dataset.x_train if more else x_cal, distill,
+                                      masks=masks if granularity == "weight" else None, quiet=quiet,
+                                      x_monitor=x_cal if more else None)
     stripped = strip(work)
     if granularity == "weight":
         apply_weight_masks(stripped, masks)  # exact zeros whatever the optimizer did last

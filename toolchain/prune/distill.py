@@ -20,6 +20,12 @@ an example in its docs, not part of the library). The student runs with ``traini
 BatchNormalization keeps the statistics of the real data and Dropout is off; weight masks (weight
 granularity) are re-applied after every step, so pruned weights stay exactly zero.
 
+Data. When the training split holds more than the calibration samples (image folders: thousands
+of images), the student is distilled on all of them (``data="train"``, the recipe's
+``prune.distill_data``) and early stopping watches the clean calibration samples (``x_monitor``):
+a MobileNetV1 at 96x96 distilled on 500 images for 3,000 steps agreed with its teacher on only 59%
+of them. kws01 has only its 500 calibration samples, so DS-CNN distils as before.
+
 Regressors and autoencoders have no class distribution: their outputs are matched by mean squared
 error (no softmax, no temperature); the augmentations apply alike (the teacher labels every input).
 
@@ -65,6 +71,8 @@ MIN_EVAL_EVERY = 100
 MIN_RELATIVE_IMPROVEMENT = 1e-3
 #: the held-out slice never exceeds this many samples (evaluation cost)
 MAX_HOLDOUT = 512
+#: values of ``DistillConfig.data`` (the recipe's ``prune.distill_data``)
+DISTILL_DATA = ("train", "calibration")
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,10 @@ class DistillConfig:
     patience: int = 12
     #: steps between held-out evaluations (0: steps // EVALS_PER_RUN, at least MIN_EVAL_EVERY)
     eval_every: int = 0
+    #: what the student is trained on: "train" (every sample of the training split; the same as
+    #: "calibration" when the split is only the calibration samples, as kws01's is) | "calibration"
+    #: (the first ``relevance.samples`` only)
+    data: str = DEFAULT_RECIPE["prune"]["distill_data"]
 
     def __post_init__(self):
         problems = []
@@ -113,6 +125,8 @@ class DistillConfig:
         if self.time_budget_s is not None and (isinstance(self.time_budget_s, bool) or not isinstance(
                 self.time_budget_s, (int, float)) or not self.time_budget_s > 0):
             problems.append(f"time_budget_s {self.time_budget_s!r} is not a number > 0 or None")
+        if self.data not in DISTILL_DATA:
+            problems.append(f"data {self.data!r} is not one of {', '.join(DISTILL_DATA)}")
         if self.task is not None:
             from toolchain.task import TASKS
 
@@ -139,7 +153,7 @@ class DistillConfig:
         fields = {"steps": prune_settings["distill_steps"],
                   "temperature": float(prune_settings["distill_temperature"])}
         for key, name in (("distill_time_budget_s", "time_budget_s"), ("distill_patience", "patience"),
-                          ("distill_holdout", "holdout")):
+                          ("distill_holdout", "holdout"), ("distill_data", "data")):
             if key in prune_settings:
                 fields[name] = prune_settings[key]
         return cls(**{**fields, **overrides})
@@ -234,7 +248,8 @@ def _format_seconds(s: float) -> str:
 
 
 def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConfig(),
-            masks: Optional[Mapping[str, np.ndarray]] = None, quiet: bool = True) -> dict:
+            masks: Optional[Mapping[str, np.ndarray]] = None, quiet: bool = True,
+            x_monitor: Optional[np.ndarray] = None) -> dict:
     """Train ``student`` in place to match ``teacher`` on augmented batches of ``x``.
 
     Classifiers match the teacher's class distribution (KL at ``temperature``); regressors and
@@ -247,7 +262,11 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
     ``EarlyStopping(restore_best_weights=True)``: a run that reaches its last step keeps its final,
     fully annealed weights). Returns the loss curve, held-out curve, chosen/run steps, stop reason,
     and the student's agreement with the teacher on ``x`` before and after (top-1 agreement for
-    classifiers; ``teacher_mse_before/after`` otherwise)."""
+    classifiers; ``teacher_mse_before/after`` otherwise).
+
+    ``x_monitor``: the samples early stopping watches (clean, un-augmented) and agreement is
+    measured on, when ``x`` is larger than them, e.g. the calibration samples when ``x`` is the
+    whole training split (``None``: ``x`` itself, as the calibration-only default does)."""
     import sys
     import time
 
@@ -266,16 +285,18 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
 
     task = config.task or infer_task_from_model(teacher)
     classify = task == "classification"
-    teacher_out = teacher.predict(x, batch_size=256, verbose=0)
+    x_seen = x if x_monitor is None else np.asarray(x_monitor, np.float32)
+    teacher_out = teacher.predict(x_seen, batch_size=256, verbose=0)
 
     def closeness() -> float:
-        out = student.predict(x, batch_size=256, verbose=0)
+        out = student.predict(x_seen, batch_size=256, verbose=0)
         if classify:
             return float((np.argmax(out, -1) == np.argmax(teacher_out, -1)).mean())
         return float(np.mean((out.astype(np.float64) - teacher_out) ** 2))
 
     key = "agreement" if classify else "teacher_mse"
     history = {"config": config.to_dict(), "task": task, "loss": [], "heldout_loss": [],
+               "train_samples": int(len(x)), "monitor_samples": int(len(x_seen)),
                "steps_cap": int(config.steps), f"{key}_before": closeness()}
     if not classify:
         history["agreement_before"] = history["agreement_after"] = None
@@ -288,11 +309,11 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
     rng_np = np.random.default_rng(config.seed)
     n_hold = min(MAX_HOLDOUT, int(round(config.holdout * len(x))), len(x) - 2) if config.patience else 0
     order = rng_np.permutation(len(x))
-    x_hold, x_train = x[order[:n_hold]], x[np.sort(order[n_hold:])]
+    x_hold, x_train = x[order[:n_hold]], (x[np.sort(order[n_hold:])] if n_hold else x)  # no 1 GB copy
     history["holdout_samples"] = int(n_hold)
     monitor = bool(config.patience)  # early stopping on: the held-out slice, else the clean samples
     if monitor and not n_hold:
-        x_hold = x_train
+        x_hold = x_train if x_monitor is None else x_seen
 
     tf.keras.utils.set_random_seed(config.seed)
     rng = tf.random.Generator.from_seed(config.seed)
