@@ -178,6 +178,7 @@ def run_family(family: str, recipe, work: Path, mobilenet_train: int) -> dict:
     original = s.get("original", {})
     metric = original.get("metric", "accuracy")
     distill = ((s.get("prune") or {}).get("settings") or {}).get("distill") or {}
+    backoff = (s.get("prune") or {}).get("backoff") or {}
     return {"family": family, "model": model_path.name, "data": spec, "task": s.get("task", "classification"),
             "metric": metric, "original": original.get(metric), "original_all": original,
             "headline_format": head["format"], "headline": head.get(metric), "headline_row": head,
@@ -185,6 +186,8 @@ def run_family(family: str, recipe, work: Path, mobilenet_train: int) -> dict:
             "params_before": (s.get("prune") or {}).get("params_before"),
             "params_after": (s.get("prune") or {}).get("params_after"),
             "distill_steps": distill.get("steps_run", (distill.get("config") or {}).get("steps")),
+            "distill_stop": distill.get("stop_reason"), "distill_train_samples": distill.get("train_samples"),
+            "sparsity": backoff.get("chosen"), "backoff": backoff or None,
             "compress_seconds": seconds, "prepare_seconds": prepared,
             "mcu_flash_bytes": next((r["size_bytes"] for r in rows if r["format"] == "mcu"), None)}
 
@@ -195,14 +198,15 @@ def markdown(results: dict) -> str:
           f"{results['machine']}; recipe: {results['recipe']}. "
           "Time is the whole `compress` run (relevance, pruning with distillation, quantization, every "
           "export verified in its runtime, the local latency benchmark, fidelity, report) on this machine; "
-          "training the original is not included.", "",
+          "training the original is not included. The 2 cores were shared with other jobs while these "
+          "ran, so the times are upper bounds.", "",
           "| family | task | metric | original | headline artifact | change | float32 TFLite B | headline B | "
-          "x smaller | compress time |",
-          "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
-    refused = []
+          "x smaller | filter sparsity | distillation steps | compress time |",
+          "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    refused, backoffs = [], []
     for r in results["rows"]:
         if "refused" in r:
-            md.append(f"| {r['family']} | – | – | – | refused by the guard (see below) | – | – | – | – | "
+            md.append(f"| {r['family']} | – | – | – | refused by the guard (see below) | – | – | – | – | – | – | "
                       f"{r['compress_seconds'] / 60:.1f} min |")
             refused.append(f"- {r['family']}: {r['refused']}")
             continue
@@ -220,12 +224,44 @@ def markdown(results: dict) -> str:
                   f"{'–' if r['original'] is None else fmt(r['original'])} | {r['headline_format']} "
                   f"{'–' if r['headline'] is None else fmt(r['headline'])} | {change} | {r['fp32_bytes']:,} | "
                   f"{r['headline_bytes']:,} | {r['fp32_bytes'] / r['headline_bytes']:.1f}x | "
-                  f"{r['compress_seconds'] / 60:.1f} min |")
+                  f"{_sparsity_cell(r)} | {_distill_cell(r)} | {r['compress_seconds'] / 60:.1f} min |")
+        if r.get("backoff") and len(r["backoff"]["tried"]) > 1:
+            b = r["backoff"]
+            tries = "; ".join(f"{t['sparsity']:g}: {_change_text(b['metric'], t['calibration_change'])}"
+                              for t in b["tried"])
+            backoffs.append(f"- {r['family']}: calibration {b['metric']} change vs the original per sparsity "
+                            f"tried ({tries}; limit {_change_text(b['metric'], b['max_drop'])}) -> "
+                            f"{b['chosen']:g}")
+    if backoffs:
+        md += ["", "Sparsity backoff (`prune.backoff_sparsities`: after recovery the pruned model is checked on the "
+                   "calibration split, never the evaluation split, and pruned less when it loses more than "
+                   "`prune.backoff_max_drop` x the verify limit):", ""] + backoffs
     if refused:
         md += ["", "Refused runs (compress exits 2 and writes nothing when an artifact loses more than the "
                    "recipe allows against the original):", ""] + refused
     md += ["", f"Total: {results['seconds'] / 60:.1f} min."]
     return "\n".join(md) + "\n"
+
+
+def _change_text(metric: str, drop: float) -> str:
+    """A calibration loss in the metric's units (accuracy: points; mse: relative; auc: absolute)."""
+    return f"{-drop * 100:+.1f} points" if metric == "accuracy" else (
+        f"{drop:+.1%}" if metric == "mse" else f"{-drop:+.3f}")
+
+
+def _sparsity_cell(r: dict) -> str:
+    if r.get("sparsity") is None:
+        return "–"
+    tried = len((r.get("backoff") or {}).get("tried") or [])
+    return f"{r['sparsity']:g}" + (f" (after {tried - 1} backoff{'s' if tried > 2 else ''})" if tried > 1 else "")
+
+
+def _distill_cell(r: dict) -> str:
+    steps = r.get("distill_steps")
+    if steps is None:
+        return "–"
+    why = {"time_budget": "time budget", "early_stop": "early stop"}.get(r.get("distill_stop"), "")
+    return f"{steps:,}" + (f" ({why})" if why else "")
 
 
 def main(argv=None) -> int:
