@@ -136,3 +136,63 @@ def test_prepare_inputs_quantizes_with_the_model_parameters():
     assert prepare_inputs(np.array([[2, 4]], np.int8), fspec, [0.5, 2]).tolist() == [[0.0, 1.0]]
     with pytest.raises(RunnerError, match="x_quantization"):
         prepare_inputs(np.array([[2, 4]], np.int8), fspec)
+
+
+# ---- the same backends as the toolchain's one way to run an artifact (toolchain.run) ---------
+
+#: ``--runtime`` name of the runtime a runner JSON reports
+RUNTIME_FLAG = {"ai_edge_litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
+                "tensorflow.lite": "tensorflow"}
+
+
+def test_infer_in_batches_equals_the_runners_single_sample_outputs(artifacts):
+    """``infer`` quantizes float inputs, runs batches of 5 (the interpreter resized between the
+    last short batch and the others) and dequantizes: the very outputs of the runner's
+    one-sample-at-a-time pass, same runtime and kernels."""
+    from deploy.runner import TFLiteBackend, infer
+
+    rc, doc, err = run_runner("--artifact", artifacts.tflite_int8, "--inputs",
+                              artifacts.inputs_float, "--runs", 1, "--include-outputs",
+                              "--xnnpack", "off")
+    assert rc == 0, err
+    backend = TFLiteBackend(str(artifacts.tflite_int8), 1, xnnpack=False,
+                            runtime=RUNTIME_FLAG[doc["runtime"]["name"]])
+    got = infer(backend, artifacts.x_eval, batch_size=5)
+    assert got.dtype == np.float32 and got.shape == artifacts.keras_out.shape
+    assert np.array_equal(got, np.array(doc["outputs"], np.float32))
+
+
+def test_reference_kernels_from_bytes(artifacts):
+    from deploy.runner import TFLiteBackend, infer
+
+    backend = TFLiteBackend(artifacts.tflite_int8.read_bytes(), 1, reference_kernels=True)
+    assert backend.reference_kernels and backend.xnnpack is False
+    assert backend.xnnpack_applied is False
+    got = infer(backend, artifacts.x_eval)
+    assert np.allclose(got, artifacts.keras_out, atol=INT8_ATOL), \
+        describe_mismatch(got, artifacts.keras_out, INT8_ATOL)
+
+
+def test_integer_outputs_without_a_grid_are_refused():
+    from deploy.runner import RunnerError, dequantize
+
+    spec = {"name": "y", "dtype": "int8", "shape": [1, 2], "quantization": None}
+    with pytest.raises(RunnerError, match="without a quantization scale"):
+        dequantize(np.array([[1, 2]], np.int8), spec)
+    spec["quantization"] = [0.5, 1]
+    assert dequantize(np.array([[1, 3]], np.int8), spec).tolist() == [[0.0, 1.0]]
+
+
+def test_toolchain_run_raises_toolchain_errors(artifacts, tmp_path):
+    from toolchain.errors import ConfigError, DataError, ModelLoadError
+    from toolchain.run import run_artifact
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        run_artifact(tmp_path / "absent.tflite", artifacts.x_eval)
+    with pytest.raises(DataError, match=r"\(5, 5, 1\).*\[8, 8, 1\]"):
+        run_artifact(artifacts.onnx, np.zeros((2, 5, 5, 1), np.float32))
+    with pytest.raises(ConfigError, match="reference kernels are TFLite's"):
+        run_artifact(artifacts.onnx, artifacts.x_eval, reference_kernels=True)
+    got = run_artifact(artifacts.onnx, artifacts.x_eval, batch_size=7)
+    assert np.allclose(got, artifacts.keras_out, atol=FLOAT_ATOL), \
+        describe_mismatch(got, artifacts.keras_out, FLOAT_ATOL)
