@@ -20,13 +20,14 @@ from toolchain.errors import ConfigError
 from toolchain.tune.constraints import parse_constraints
 
 REPO = Path(__file__).resolve().parents[1]
-#: a trial's recipe that runs in tens of seconds on digits: few relevance samples, no distillation,
-#: TFLite only, a short benchmark
-FAST_RECIPE = {"relevance": {"samples": 100}, "prune": {"distill_steps": 0, "criterion": "relevance"},
+#: a trial's recipe that runs in tens of seconds on an idle machine: few relevance samples, two
+#: fine-tuning epochs on the labelled digits instead of distillation, TFLite only, a short benchmark
+FAST_RECIPE = {"relevance": {"samples": 100}, "prune": {"distill_steps": 0, "fine_tune_epochs": 2, "criterion": "relevance"},
                "quantize": {"allocator": "relevance"},
                "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed"]}, "bench": {"runs": 20}}
-#: what a constraint leaves of the digits CNN's int8 TFLite (~13 kB at sparsity 0.5, ~25 kB unpruned)
-FLASH_LIMIT = "flash<=14KB"
+#: the digits CNN's headline TFLite is ~22 kB at the default sparsity 0.5 and int8 (the first trial),
+#: ~66 kB barely pruned: a limit some recipes meet and others break
+FLASH_LIMIT = "flash<=24KB"
 #: a loaded 2-core machine starts a Ray head in 10-60 s
 RAY_START_TIMEOUT_S = 240
 
@@ -149,15 +150,15 @@ def _fast_recipe(tmp_path: Path) -> Path:
 def test_tune_finds_a_recipe_meeting_flash_and_compress_reproduces_it(digits_model, tmp_path, capsys):
     out = tmp_path / "tune"
     code = main(["tune", "--model", str(digits_model), "--data", "digits", "--recipe", str(_fast_recipe(tmp_path)),
-                 "--constraint", FLASH_LIMIT, "--trials", "3", "--workers", "2", "--out", str(out)])
+                 "--constraint", FLASH_LIMIT, "--trials", "2", "--workers", "2", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert err.count("[tune] trial ") == 3 and "min left" in err
+    assert err.count("[tune] trial ") == 2 and "min left" in err
     doc = json.loads((out / "tune.json").read_text())
     trials = {t["trial_id"]: t for t in json.loads((out / "trials.json").read_text())}
-    assert len(trials) == 3 and doc["best"] in trials and "re-measured serially" in doc["latency"]
+    assert len(trials) == 2 and doc["best"] in trials and "re-measured serially" in doc["latency"]
     best = trials[doc["best"]]
-    assert best["feasible"] and best["numbers"]["flash_bytes"] <= 14_000
+    assert best["feasible"] and best["numbers"]["flash_bytes"] <= 24_000
     assert best["numbers"]["latency_serial_ms"] > 0
     assert (out / "front.png").stat().st_size > 0 and "## Pareto front" in (out / "front.md").read_text()
 
@@ -172,7 +173,7 @@ def test_tune_finds_a_recipe_meeting_flash_and_compress_reproduces_it(digits_mod
 
     # a finished search resumes to the same result without new trials
     code = main(["tune", "--model", str(digits_model), "--data", "digits", "--recipe", str(_fast_recipe(tmp_path)),
-                 "--constraint", FLASH_LIMIT, "--trials", "3", "--out", str(out), "--resume", "--quiet"])
+                 "--constraint", FLASH_LIMIT, "--trials", "2", "--out", str(out), "--resume", "--quiet"])
     assert code == 0
     assert json.loads((out / "tune.json").read_text())["best"] == doc["best"]
 

@@ -13,9 +13,8 @@ SIZE, DROP = "flash_bytes", "drop_points"
 
 
 def latency_axis(trials: Sequence[dict]) -> Optional[str]:
-    """``latency_serial_ms`` (re-measured), ``latency_ms``, ``instructions`` or None: what the trials
-    measured."""
-    for key in ("instructions", "latency_serial_ms", "latency_ms"):
+    """``instructions`` (qemu-cortex-m), ``latency_ms`` or None: what the trials measured."""
+    for key in ("instructions", "latency_ms"):
         if any((t.get("numbers") or {}).get(key) is not None for t in trials):
             return key
     return None
@@ -52,17 +51,18 @@ def _fmt(value, kind: str) -> str:
 
 
 def table(trials: Sequence[dict], searched: Sequence[str], latency_key: Optional[str], metric: str) -> str:
-    lat_head = {"instructions": "EMULATED instructions/inference", "latency_serial_ms": "p50 ms (serial re-measure)",
-                "latency_ms": "p50 ms (parallel trials: distorted)"}.get(latency_key or "", None)
+    """Markdown: one row per trial; latency as measured while trials ran in parallel and, for the
+    front, re-measured serially (or the EMULATED INSTRUCTION COUNT on qemu-cortex-m)."""
+    lat_cols = {"instructions": [("instructions", "EMULATED instructions/inference", "count")],
+                "latency_ms": [("latency_ms", "p50 ms while trials ran (distorted)", "ms"),
+                               ("latency_serial_ms", "p50 ms serial re-measure", "ms")]}.get(latency_key or "", [])
     head = ["trial", "status", "flash B", f"{metric}", "drop vs original (points)"] + \
-        ([lat_head] if lat_head else []) + ["meets constraints"] + list(searched)
+        [c[1] for c in lat_cols] + ["meets constraints"] + list(searched)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         n = t.get("numbers") or {}
         cells = [t["trial_id"], t["status"], _fmt(n.get(SIZE), "bytes"), _fmt(n.get("value"), "metric"),
-                 _fmt(n.get(DROP), "points")]
-        if lat_head:
-            cells.append(_fmt(n.get(latency_key), "count" if latency_key == "instructions" else "ms"))
+                 _fmt(n.get(DROP), "points")] + [_fmt(n.get(key), kind) for key, _, kind in lat_cols]
         cells.append("yes" if t.get("feasible") else ("no: " + ", ".join(t.get("violated") or [])
                                                         if t.get("violated") else "no"))
         cells += [str(t["config"].get(k, "")) for k in searched]

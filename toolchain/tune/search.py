@@ -141,9 +141,11 @@ def tune(model: str, data: str, target: str = "local", constraints: Sequence[str
         if resume:
             tuner = rtune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
         else:
+            import optuna
             from optuna.samplers import TPESampler
             from ray.tune.search.optuna import OptunaSearch
 
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
             sampler = TPESampler(seed=seed, n_startup_trials=max(MIN_STARTUP, math.ceil(trials * STARTUP_SHARE)))
             searcher = OptunaSearch(sampler=sampler, points_to_evaluate=[start], seed=seed)
             tuner = rtune.Tuner(
@@ -163,11 +165,14 @@ def tune(model: str, data: str, target: str = "local", constraints: Sequence[str
 
 
 def _start_ray(ray, address: Optional[str], quiet: bool) -> None:
-    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=not quiet,
-                  configure_logging=True)
+    # the trials' own output (TensorFlow's warnings) stays in Ray's session logs unless --debug;
+    # the command prints one progress line per trial instead
+    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR,
+                  log_to_driver=bool(os.environ.get("TOOLCHAIN_DEBUG")), configure_logging=True)
     try:
         if address is None:
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
+            # "local": a private instance, never a cluster someone started on this machine
+            ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
         else:
             ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -277,8 +282,8 @@ def _finish(out_dir: Path, records: List[dict], cons: List[Constraint], base: di
     candidates = [r for r in front if r["feasible"]]
     if candidates:
         field = OBJECTIVE_FIELDS[objective]
-        best = min(candidates, key=lambda r: (r["numbers"].get(field) if r["numbers"].get(field) is not None
-                                              else math.inf, r["numbers"][fr.SIZE], r["numbers"][fr.DROP]))
+        best = min(candidates, key=lambda r: (score(r["numbers"], all_cons, objective)[0], r["numbers"][fr.SIZE],
+                                              r["numbers"][fr.DROP]))
         recipe = recipe_for(ctx["raw_recipe"], best["config"], target)
         drop = next(c for c in all_cons if c["name"] == "drop")
         recipe.setdefault("verify", {})
@@ -298,7 +303,7 @@ def _finish(out_dir: Path, records: List[dict], cons: List[Constraint], base: di
           f"Constraints: {', '.join(c['text'] for c in all_cons) or 'none'}; objective: {objective}; "
           f"{len(records)} trials in {seconds / 60:.1f} min ({concurrent} at a time). {note}.", "",
           "## Pareto front" + ("" if feasible else " (no trial met every constraint: the front of all trials)"), "",
-          fr.table(front, searched, lat and ("latency_serial_ms" if lat == "latency_ms" else lat), metric), "",
+          fr.table(front, searched, lat, metric), "",
           f"Best: {best['trial_id'] if best else 'none'}" + (" -> best.yaml" if best else ""), "",
           "## Every trial", "", fr.table(records, searched, lat, metric), ""]
     (out_dir / "front.md").write_text("\n".join(md))
@@ -324,10 +329,9 @@ def _remeasure(front: List[dict], base: dict, data: str, data_dir, out_dir: Path
         build = Path(rec["build"])
         summary = json.loads((build / "summary.json").read_text())
         n = rec["numbers"]
-        n["latency_parallel_ms"] = n.get("latency_ms")
         got = bench_headline(build, summary, copy.deepcopy(base["bench"]), data, data_dir,
                              out_dir / "remeasure" / rec["trial_id"], quiet=True)
-        n["latency_serial_ms"] = n["latency_ms"] = got["latency_ms"]
+        n["latency_serial_ms"] = got["latency_ms"]
     return ("latency: the front re-measured serially after the search with no trial running (p50 of "
             f"{base['bench']['runs']} runs on {base['bench']['target']}); other trials' latencies were taken "
             "while trials ran in parallel and are distorted")
