@@ -98,6 +98,24 @@ def _table_html(headers: Sequence[str], rows: List[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def mcu_flash_section(weights: Mapping) -> dict:
+    """The MCU bundle's kernel weights per layer, read from its flatbuffer: stored type and bytes in
+    flash against the same layer in int8 (packed INT4 holds two weights per byte)."""
+    rows = [[r["layer"], r["op"], r["stored"], f"{r['weights']:,}", f"{r['bytes']:,}", f"{r['int8_bytes']:,}",
+             f"{r['saved_bytes']:,}" if r["saved_bytes"] else "–"] for r in weights["layers"]]
+    t = weights["total"]
+    rows.append(["total", "", "", f"{t['weights']:,}", f"{t['bytes']:,}", f"{t['int8_bytes']:,}",
+                 f"{t['saved_bytes']:,}" if t["saved_bytes"] else "–"])
+    int4 = weights.get("int4_layers") or []
+    text = (f"Kernel weights of the microcontroller bundle, read from its flatbuffer: {t['bytes']:,} B in flash, "
+            f"{t['int8_bytes']:,} B as int8" + (f"; {len(int4)} layer(s) stored as packed INT4 save "
+                                                 f"{t['saved_bytes']:,} B" if int4 else "; no INT4 layers")
+            + ". Biases, scales and the graph are the same either way and not counted.")
+    return {"title": "Microcontroller flash per layer", "text": text,
+            "headers": ["layer", "operator", "stored as", "weights", "bytes", "as int8", "saved"],
+            "rows": rows, "plots": []}
+
+
 def sections(summary: Mapping) -> List[dict]:
     """The report's sections as (title, text, table headers, table rows, plots) in order."""
     out = []
@@ -139,6 +157,9 @@ def sections(summary: Mapping) -> List[dict]:
         out.append({"title": "Artifacts", "text": text,
                     "headers": [c[1] for c in columns],
                     "rows": [[_cell(r, k, f) for k, _, f in columns] for r in art], "plots": []})
+    weights = (summary.get("mcu") or {}).get("weights")
+    if weights:
+        out.append(mcu_flash_section(weights))
     rel = summary.get("relevance")
     if rel:
         rows = [[name, l["class"], f"{l['sum']:.4g}", f"{l['positive_share']:.1%}", f"{l['zero_share']:.1%}",

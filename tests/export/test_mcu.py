@@ -17,8 +17,8 @@ from toolchain.errors import ConversionError  # noqa: E402
 from toolchain.export.artifact import sha256_file  # noqa: E402
 from toolchain.export.flatbuffer import read_flatbuffer  # noqa: E402
 from toolchain.export.mcu import (  # noqa: E402
-    MICRO_OP_METHODS, buffer_alignments, cc_arrays, estimate_arena, greedy_plan, strip_strings, tensor_lifetimes,
-    write_mcu_bundle)
+    MICRO_OP_METHODS, MICRO_OP_VARIANTS, buffer_alignments, cc_arrays, estimate_arena, greedy_plan, strip_strings,
+    tensor_lifetimes, write_mcu_bundle)
 from toolchain.export.tflite_backend import export_tflite  # noqa: E402
 
 ARM_GCC = "arm-none-eabi-gcc"
@@ -115,11 +115,16 @@ def test_op_resolver_lists_exactly_the_ops_in_the_flatbuffer(bundle, int8_tflite
     info = read_flatbuffer(open(int8_tflite.path, "rb").read())
     used = {op.op for op in info.ops}
     header = (bundle.out_dir / "op_resolver.h").read_text()
-    calls = re.findall(r"resolver\.(Add\w+)\(\)", header)
+    calls = re.findall(r"resolver\.(Add\w+)\(", header)
     assert sorted(calls) == sorted(MICRO_OP_METHODS[o] for o in used)
     assert len(calls) == len(set(calls))
     assert f"tflite::MicroMutableOpResolver<{len(used)}>" in header
     assert set(bundle.ops) == used
+    # an int8 model: every operator with an int8-only kernel registers it (the rest stay generic)
+    specialised = dict(re.findall(r"resolver\.(Add\w+)\(tflite::(Register_\w+)\(\)\)", header))
+    assert specialised == {MICRO_OP_METHODS[o]: MICRO_OP_VARIANTS[o][("INT8", "INT8")]
+                           for o in used if o in MICRO_OP_VARIANTS}
+    assert specialised["AddConv2D"] == "Register_CONV_2D_INT8"
 
 
 def test_ops_without_a_micro_kernel_are_refused(tmp_path):

@@ -63,3 +63,27 @@ def tiny_int8_cnn(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny_int8.tflite"
     path.write_bytes(converter.convert())
     return path, x[:8]
+
+
+#: a mixed 4/8-bit plan for tests.export.helpers.small_cnn: conv, dw and fc1 packed INT4, pw 8 bit,
+#: fc2 (unplanned) int8, so CONV_2D and FULLY_CONNECTED each mix INT4 and INT8 kernels
+MIXED_4_8 = {"conv": 4, "dw": 4, "pw": 8, "fc1": 4}
+
+
+def export_int4_cnn(out_dir):
+    """The digits CNN of tests.export.helpers (trained, a few seconds) as tflite-mixed under
+    :data:`MIXED_4_8` (the QAT route, packed INT4 kernels): its Artifact."""
+    from tests.export.helpers import calib, small_cnn
+    from toolchain.export.tflite_backend import export_tflite
+    from toolchain.quantize.bitplan import BitPlan, LayerBits
+
+    plan = BitPlan({name: LayerBits(bits) for name, bits in MIXED_4_8.items()})
+    return export_tflite(small_cnn(), "mixed", out_dir / "small_cnn_mixed.tflite", calib(200), plan=plan)
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_cnn(tmp_path_factory):
+    """(tflite-mixed Artifact with packed INT4 kernels, float digits evaluation inputs)."""
+    from tests.export.helpers import digits
+
+    return export_int4_cnn(tmp_path_factory.mktemp("int4")), digits().x_eval[:16]

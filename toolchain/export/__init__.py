@@ -159,6 +159,19 @@ def artifact_name(model) -> str:
     return name or "model"
 
 
+def _check_plan_for_mcu(bitplan) -> None:
+    """tflite-mixed keeps a plan's float layers (32-bit activations, > 8-bit weights) in float, which
+    tflite-micro cannot run: refuse before converting, naming them."""
+    from toolchain.errors import ConversionError
+
+    floats = [name for name, lb in bitplan.layers.items() if lb.activation_bits == 32 or lb.weight_bits > 8]
+    if floats:
+        raise ConversionError(
+            f"the bit plan keeps layers {', '.join(floats)} in float (32-bit activations or > 8-bit weights), "
+            "and the MCU bundle runs integer kernels only; give them <= 8-bit weights and 8-bit activations "
+            "(drop them from float_layers), or use mcu_source tflite-int8")
+
+
 def _onnx_backend():
     try:
         from toolchain.export import onnx_backend
@@ -201,6 +214,7 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
     ``mcu_source``: the integer TFLite format the MCU bundle is generated from (built even if not
     requested). The user's model is never modified.
     """
+    from toolchain.export.convert_worker import converter_session
     from toolchain.export.tflite_backend import check_io
     from toolchain.outdir import check_output_dir, staged_output
     from toolchain.verify import VerifyReport, verify
@@ -215,6 +229,8 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
         bitplan.check_against(model)
     if MCU in requested and mcu_source not in MCU_SOURCES:
         raise ConfigError(f"mcu_source {mcu_source!r} cannot feed the MCU bundle; use one of {', '.join(MCU_SOURCES)}")
+    if MCU in requested and mcu_source == "tflite-mixed" and bitplan is not None:
+        _check_plan_for_mcu(bitplan)
     fixed = [f for f in requested if f == MCU or FORMATS.get(f.replace("-", ".")).calibrated]
     if fixed and any(d is None for d in tuple(model.input_shape)[1:]):
         from toolchain.errors import ConversionError
@@ -240,7 +256,8 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
         from tqdm import tqdm
 
         progress = tqdm(total=len(builds), desc="export", unit="format")
-    with staged_output(out_dir) as stage:
+    # one converter child process serves every TFLite conversion of this export
+    with staged_output(out_dir) as stage, converter_session():
         staged: Dict[str, Artifact] = {}
         for fmt in builds:
             spec = FORMATS.get(fmt.replace("-", "."))
@@ -261,7 +278,9 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
         if MCU in requested:
             from toolchain.export.mcu import write_mcu_bundle
 
+            layers = (staged[mcu_source].metadata or {}).get("layers") or {}
             mcu = write_mcu_bundle(staged[mcu_source].path, stage / "mcu", base, mcu_source,
+                                   layer_names={int(e["op_index"]): n for n, e in layers.items()},
                                    check_x=dataset.x_eval,
                                    # class labels give tflite-micro's accuracy; other targets do not
                                    check_y=dataset.y_eval if getattr(dataset, "is_classification", True) else None)
@@ -272,6 +291,9 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
         bundle = ExportBundle(out_dir, final, report, mcu, tuple(requested))
         write_bytes_atomic(stage / "verify.json", (report.to_json() + "\n").encode())
         manifest = _jsonable(bundle.to_dict())
+        # artifact paths are relative to the folder that holds export.json; its own location (the
+        # staging folder inside compress) would make identical runs write different files
+        del manifest["out_dir"]
         manifest.update({"dataset": getattr(dataset, "provenance", None),
                          "calibration_samples": None if calib_x is None else int(len(calib_x)),
                          "bitplan": bitplan.to_dict() if bitplan is not None else None})

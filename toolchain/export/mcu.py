@@ -9,16 +9,28 @@
   tflite-micro never reads (tensor names, signature defs; :func:`strip_strings`);
 * ``op_resolver.h``: a ``tflite::MicroMutableOpResolver<N>`` alias and a registration function
   calling exactly one ``AddXxx()`` per builtin operator the flatbuffer uses (read with
-  TensorFlow's generated schema module, mapped through :data:`MICRO_OP_METHODS`);
-* ``manifest.json``: input/output names, shapes, dtypes, scales and zero points, operators, flash
-  and arena sizes, sha256 of the model and of every generated file.
+  TensorFlow's generated schema module, mapped through :data:`MICRO_OP_METHODS`), with TFLM's
+  type-specialised kernel (``AddConv2D(tflite::Register_CONV_2D_INT8())``,
+  :data:`MICRO_OP_VARIANTS`) where every use of the operator has the same tensor types;
+* ``manifest.json``: input/output names, shapes, dtypes, scales and zero points, operators and
+  their registrations, flash and arena sizes, per kernel layer its stored type (INT4 / INT8) and
+  bytes against int8 (``weights``), sha256 of the model and of every generated file.
+
+INT4: ``tflite-mixed`` stores <= 4-bit Conv2D / DepthwiseConv2D / Dense kernels as packed INT4
+(TensorType INT4, two weights per byte); the bundle keeps them packed. Measured with the kit's TFLM
+(tflite-micro 90b983c2) and the tflite-micro Python package: both run TF 2.14's INT4 flatbuffers
+as they are, bit-identical to each other and to TFLite's kernels without XNNPACK (TFLite's
+BUILTIN_REF resolver in TF 2.14 has no CONV_2D version 7, the INT4 one, and refuses to load them).
 
 Arena estimate (bytes): tensor lifetimes are read from the flatbuffer (first producing op to last
 consuming op; graph inputs live from the start, outputs to the end) and the non-constant tensors
 are placed by greedy offline planning, largest first, at the lowest 16-byte aligned offset that
 does not overlap a placed tensor alive at the same time (tflite-micro's GreedyMemoryPlanner).
 Each CONV_2D / DEPTHWISE_CONV_2D also gets a scratch buffer alive during that op only, sized as
-CMSIS-NN's int8 im2col buffer (``2 * kh * kw * cin`` bytes). The documented margin on top:
+CMSIS-NN's int8 im2col buffer (``2 * kh * kw * cin`` bytes), or, for a packed INT4 kernel (any
+kernel op), as its int8 copy (one byte per weight) when that is larger: TFLM's reference kernels
+unpack INT4 kernels into arena scratch on every invoke (the kit measured +4,128 B on DS-CNN).
+The documented margin on top:
 persistent allocations estimated as :data:`PERSISTENT_BYTES_PER_TENSOR` per tensor,
 :data:`PERSISTENT_BYTES_PER_OP` per operator and 8 bytes per output channel of quantized kernels
 (per-channel multiplier and shift), then :data:`ARENA_SAFETY` (10 %) of the total and rounded up
@@ -88,6 +100,26 @@ MICRO_OP_METHODS: Mapping[str, str] = {
 }
 _INTEGER_WEIGHTS = ("INT8", "INT4", "INT16", "INT32")
 
+#: builtin operator -> {(input type, weight type for kernel ops / output type otherwise): TFLM's
+#: type-specialised registration} (tflite-micro's kernels/*.h at the kit's commit 90b983c2). With
+#: CMSIS-NN each one links a single eval path instead of every type's (MLPerf Tiny DS-CNN: ~32 KB less
+#: flash); the reference kernels alias them to the generic registration. Release builds do not check
+#: the tensor types these variants assume, so one is used only when every use of the operator in the
+#: model has exactly its signature: a model with both INT4 and INT8 CONV_2D kernels gets the generic
+#: CONV_2D (CMSIS-NN's native s4 kernels are behind both it and Register_CONV_2D_INT4).
+MICRO_OP_VARIANTS: Mapping[str, Mapping[Tuple[str, str], str]] = {
+    "CONV_2D": {("INT8", "INT8"): "Register_CONV_2D_INT8", ("INT8", "INT4"): "Register_CONV_2D_INT4"},
+    "DEPTHWISE_CONV_2D": {("INT8", "INT8"): "Register_DEPTHWISE_CONV_2D_INT8",
+                          ("INT8", "INT4"): "Register_DEPTHWISE_CONV_2D_INT4"},
+    "FULLY_CONNECTED": {("INT8", "INT8"): "Register_FULLY_CONNECTED_INT8",
+                        ("INT8", "INT4"): "Register_FULLY_CONNECTED_INT4"},
+    "AVERAGE_POOL_2D": {("INT8", "INT8"): "Register_AVERAGE_POOL_2D_INT8"},
+    "MAX_POOL_2D": {("INT8", "INT8"): "Register_MAX_POOL_2D_INT8"},
+    "SOFTMAX": {("INT8", "INT8"): "Register_SOFTMAX_INT8"},
+    "ADD": {("INT8", "INT8"): "Register_ADD_INT8"},
+    "MUL": {("INT8", "INT8"): "Register_MUL_INT8"},
+}
+
 
 def c_identifier(name: str) -> str:
     """``name`` as a C identifier fragment: lower-case ``[a-z0-9_]``, starting with a letter."""
@@ -145,16 +177,62 @@ def micro_ops(info: FlatbufferInfo) -> List[Tuple[str, str]]:
     return [(op, MICRO_OP_METHODS[op]) for op in ops]
 
 
-def op_resolver_header(name: str, ops: Sequence[Tuple[str, str]], source_note: str = "") -> str:
+@dataclass(frozen=True)
+class OpRegistration:
+    """How one builtin operator is registered: ``resolver.<method>(tflite::<registration>())``, or
+    the generic kernel when ``registration`` is empty."""
+
+    op: str
+    method: str
+    registration: str = ""
+    signatures: Tuple[Tuple[str, str], ...] = ()   # the (input, weight/output) types it runs on
+
+    @property
+    def call(self) -> str:
+        arg = f"tflite::{self.registration}()" if self.registration else ""
+        return f"{self.method}({arg})"
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "call": self.call, "kernel": self.registration or "generic (every type)",
+                "types": ["/".join(s) for s in self.signatures]}
+
+
+def _signature(info: FlatbufferInfo, op) -> Tuple[str, str]:
+    """(input activation type, kernel type) of a kernel op; (input, output type) of any other op."""
+    first = info.tensors[op.inputs[0]].type if op.inputs and op.inputs[0] >= 0 else "NONE"
+    if op.op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        w = info.weight_of(op)
+        return first, (w.type if w is not None else "NONE")
+    return first, (info.tensors[op.outputs[0]].type if op.outputs else "NONE")
+
+
+def op_registrations(info: FlatbufferInfo, specialize: bool = True) -> List[OpRegistration]:
+    """One :class:`OpRegistration` per distinct operator, in order of first use: the type-specialised
+    kernel of :data:`MICRO_OP_VARIANTS` when ``specialize`` and every use of the operator has its
+    signature, else the generic one. Raises ``ConversionError`` like :func:`micro_ops`."""
+    out = []
+    for op, method in micro_ops(info):
+        sigs = tuple(sorted({_signature(info, o) for o in info.ops if o.op == op}))
+        variants = MICRO_OP_VARIANTS.get(op, {})
+        reg = variants.get(sigs[0], "") if specialize and len(sigs) == 1 else ""
+        out.append(OpRegistration(op, method, reg, sigs))
+    return out
+
+
+def op_resolver_header(name: str, ops: Sequence[OpRegistration], source_note: str = "") -> str:
     ident = c_identifier(name)
     camel = "".join(p.capitalize() for p in ident.split("_"))
     guard = f"{ident.upper()}_OP_RESOLVER_H_"
-    calls = "\n".join(f"  if ((status = resolver.{method}()) != kTfLiteOk) return status;  // {op}"
-                      for op, method in ops)
+    calls = "\n".join(f"  if ((status = resolver.{r.call}) != kTfLiteOk) return status;  // {r.op}"
+                      + (f" ({', '.join('/'.join(s) for s in r.signatures)} only)" if r.registration else "")
+                      for r in ops)
     note = f"// {source_note}\n" if source_note else ""
+    special = ("// Type-specialised kernels (one eval path each, less flash with CMSIS-NN) where every use of an\n"
+               "// operator has the same tensor types; they do not check those types in release builds.\n"
+               if any(r.registration for r in ops) else "")
     return (
         "// Generated by toolchain.export.mcu; do not edit.\n" + note +
-        f"// Exactly the builtin operators the flatbuffer uses: {', '.join(op for op, _ in ops)}.\n"
+        f"// Exactly the builtin operators the flatbuffer uses: {', '.join(r.op for r in ops)}.\n" + special +
         f"#ifndef {guard}\n#define {guard}\n\n"
         '#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"\n\n'
         f"constexpr unsigned int k{camel}OpCount = {len(ops)};\n"
@@ -188,7 +266,8 @@ class ArenaEstimate:
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "buffers"}
         d["method"] = ("greedy offline planning of tensor lifetimes (largest first, lowest 16-byte "
-                       "aligned non-overlapping offset) + CMSIS-NN conv scratch; + persistent estimate "
+                       "aligned non-overlapping offset) + per-op scratch (CMSIS-NN conv im2col or the reference "
+                       "kernels' unpacked INT4 kernel, whichever is larger); + persistent estimate "
                        f"({PERSISTENT_BYTES_PER_TENSOR} B/tensor, {PERSISTENT_BYTES_PER_OP} B/op, "
                        f"{PER_CHANNEL_BYTES} B/quantized output channel); + {int(ARENA_SAFETY * 100)}% margin")
         d["largest_buffers"] = [asdict(b) for b in sorted(self.buffers, key=lambda b: -b.size)[:5]]
@@ -220,14 +299,32 @@ def tensor_lifetimes(info: FlatbufferInfo) -> Dict[int, Tuple[int, int]]:
     return {t: (a, b) for t, (a, b) in life.items()}
 
 
-def _scratch(info: FlatbufferInfo) -> List[Tuple[str, int, int]]:
+#: kernel sets the arena estimate can be specific to (None: bound both)
+ARENA_KERNELS = ("cmsis-nn", "reference")
+
+
+def _scratch(info: FlatbufferInfo, kernels: Optional[str] = None) -> List[Tuple[str, int, int]]:
+    """Per-op scratch buffers, alive during their op only: CMSIS-NN's int8 im2col buffer of a
+    CONV_2D / DEPTHWISE_CONV_2D (``2 * kh * kw * cin``; also its s4 depthwise buffer) and the
+    reference kernels' int8 copy of a packed INT4 kernel (one byte per weight: they unpack the
+    nibbles into scratch on every invoke; CMSIS-NN computes on them packed). ``kernels`` None: the
+    larger of the two (one firmware links one kernel set, so that bounds both)."""
+    if kernels is not None and kernels not in ARENA_KERNELS:
+        raise ConfigError(f"kernels {kernels!r} are not known to the arena estimate; use one of "
+                          f"{', '.join(ARENA_KERNELS)} (or None for both)")
     out = []
     for op in info.ops:
-        if op.op in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(op.inputs) > 1:
-            x, w = info.tensors[op.inputs[0]], info.tensors[op.inputs[1]]
-            if len(w.shape) == 4 and len(x.shape) == 4:
-                kh, kw = w.shape[1], w.shape[2]
-                out.append((f"scratch:{op.op}#{op.index}", 2 * kh * kw * x.shape[3], op.index))
+        if op.op not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(op.inputs) < 2:
+            continue
+        x, w = info.tensors[op.inputs[0]], info.tensors[op.inputs[1]]
+        im2col = 0
+        if op.op != "FULLY_CONNECTED" and len(w.shape) == 4 and len(x.shape) == 4:
+            im2col = 2 * w.shape[1] * w.shape[2] * x.shape[3]
+        unpack = w.num_elements if w.type == "INT4" else 0
+        im2col, unpack = (0 if kernels == "reference" else im2col), (0 if kernels == "cmsis-nn" else unpack)
+        if max(im2col, unpack):
+            kind = "int4-unpack" if unpack > im2col else "im2col"
+            out.append((f"scratch:{kind}:{op.op}#{op.index}", max(im2col, unpack), op.index))
     return out
 
 
@@ -249,10 +346,12 @@ def greedy_plan(items: Sequence[Tuple[str, int, int, int]]) -> Tuple[int, Tuple[
     return high, tuple(placed)
 
 
-def estimate_arena(info: FlatbufferInfo) -> ArenaEstimate:
+def estimate_arena(info: FlatbufferInfo, kernels: Optional[str] = None) -> ArenaEstimate:
+    """The arena estimate (module docstring) for ``kernels`` (``cmsis-nn``, ``reference``, or None:
+    an estimate that holds for both)."""
     items = [(info.tensors[t].name or f"t{t}", info.tensors[t].activation_bytes, a, b)
              for t, (a, b) in tensor_lifetimes(info).items()]
-    items += [(name, size, i, i) for name, size, i in _scratch(info)]
+    items += [(name, size, i, i) for name, size, i in _scratch(info, kernels)]
     planned, buffers = greedy_plan(items)
     channels = 0
     for op in info.kernel_ops():
@@ -300,16 +399,50 @@ def _io(info: FlatbufferInfo, idx: int) -> dict:
             "bytes": t.activation_bytes}
 
 
-def check_integer_model(info: FlatbufferInfo, source: str) -> None:
+def _layer_label(op, layer_names: Optional[Mapping[int, str]]) -> str:
+    name = (layer_names or {}).get(op.index)
+    return f"{name} ({op.op} #{op.index})" if name else f"{op.op}#{op.index}"
+
+
+def check_integer_model(info: FlatbufferInfo, source: str,
+                        layer_names: Optional[Mapping[int, str]] = None) -> None:
+    """Refuse a model with float kernel layers (tflite-micro runs integer kernels only; a hybrid or
+    float layer would need float kernels and their flash), naming every such layer."""
     floats = []
     for op in info.kernel_ops():
         w = info.weight_of(op)
         x = info.tensors[op.inputs[0]]
         if (w is not None and w.type not in _INTEGER_WEIGHTS) or x.type == "FLOAT32":
-            floats.append(f"{op.op}#{op.index}")
+            floats.append(_layer_label(op, layer_names))
     if floats:
-        raise ConversionError(f"{source} is not a full-integer model (float kernels: {', '.join(floats)}); "
-                              "the MCU bundle needs an int8 .tflite: export tflite-int8")
+        raise ConversionError(
+            f"{source} is not a full-integer model: kernel layers {', '.join(floats)} compute in float, and the "
+            "MCU bundle runs integer kernels only; give those layers <= 8-bit weights and 8-bit activations in "
+            "the bit plan (no float_layers, no 16/32-bit entries), or build the MCU bundle from tflite-int8")
+
+
+def weight_storage(info: FlatbufferInfo, layer_names: Optional[Mapping[int, str]] = None) -> dict:
+    """Per kernel layer (``layer_names``: op index -> the user's layer name), read from the flatbuffer
+    (:func:`toolchain.export.flatbuffer.describe`): the kernel's stored type, its bytes in flash and
+    the bytes it would take as int8 (one per weight), and the totals. Biases and scales are the same
+    in both and not counted."""
+    from toolchain.export.flatbuffer import describe
+
+    meta = describe(info)
+    entries = sorted(list(meta["layers"].values()) + list(meta["unmatched_kernel_ops"]),
+                     key=lambda e: e["op_index"])
+    rows = []
+    for e in entries:
+        int8 = int(e["weight_count"]) if e["weight_type"] in ("INT4", "INT8") else int(e["weight_bytes"])
+        rows.append({"layer": (layer_names or {}).get(e["op_index"]) or f"{e['op']}#{e['op_index']}",
+                     "op": e["op"], "op_index": e["op_index"], "stored": e["weight_type"],
+                     "weights": int(e["weight_count"]), "bytes": int(e["weight_bytes"]), "int8_bytes": int8,
+                     "saved_bytes": int8 - int(e["weight_bytes"])})
+    total = {k: sum(r[k] for r in rows) for k in ("weights", "bytes", "int8_bytes", "saved_bytes")}
+    return {"layers": rows, "total": total,
+            "int4_layers": [r["layer"] for r in rows if r["stored"] == "INT4"],
+            "note": "kernel weights only (biases, scales and activations are the same either way); "
+                    "int8_bytes = one byte per weight; INT4 packs two weights per byte"}
 
 
 def buffer_alignments(data: bytes) -> List[int]:
@@ -350,8 +483,16 @@ def strip_strings(data: bytes) -> Tuple[bytes, str]:
 
 def write_mcu_bundle(tflite_path, out_dir, name: str = "model", source_format: str = "tflite-int8",
                      check_x: Optional[np.ndarray] = None, check_y: Optional[np.ndarray] = None,
-                     strip: bool = True) -> McuBundle:
+                     strip: bool = True, layer_names: Optional[Mapping[int, str]] = None,
+                     specialize: bool = True) -> McuBundle:
     """Write the microcontroller bundle for the integer ``.tflite`` at ``tflite_path`` into ``out_dir``.
+
+    Packed INT4 kernels (``tflite-mixed``'s QAT route for <= 4-bit layers) stay packed: TFLM runs
+    them (CMSIS-NN natively, the reference kernels through an unpack scratch buffer the arena
+    estimate includes). ``layer_names`` (kernel op index -> the user's layer name, from the source
+    artifact's metadata) names layers in the manifest's per-layer flash table (``weights``) and in
+    errors. ``specialize``: register TFLM's type-specialised kernels where every use of an operator
+    has one signature (:func:`op_registrations`; less flash with CMSIS-NN).
 
     With ``strip`` the array holds the model without the strings tflite-micro never reads (tensor
     names, signatures: :func:`strip_strings`; DS-CNN int8: 48,808 -> 43,000 B); the manifest keeps the
@@ -364,9 +505,9 @@ def write_mcu_bundle(tflite_path, out_dir, name: str = "model", source_format: s
         raise ConfigError(f"MCU bundle source {tflite_path} does not exist; export tflite-int8 first")
     source_data = tflite_path.read_bytes()
     info = read_flatbuffer(source_data)
-    check_integer_model(info, f"{tflite_path.name} ({source_format})")
+    check_integer_model(info, f"{tflite_path.name} ({source_format})", layer_names)
     data, strip_note = strip_strings(source_data) if strip else (source_data, "not stripped (strip=False)")
-    ops = micro_ops(info)
+    ops = op_registrations(info, specialize)
     ident = c_identifier(name)
     source_digest, digest = sha256_bytes(source_data), sha256_bytes(data)
     note = f"Source: {tflite_path.name} ({source_format}), {len(source_data)} bytes, sha256 {source_digest}"
@@ -392,9 +533,11 @@ def write_mcu_bundle(tflite_path, out_dir, name: str = "model", source_format: s
         "arrays": {"data": f"g_{ident}_model_data", "length": f"g_{ident}_model_data_len", "alignment": ALIGNMENT},
         "inputs": [_io(info, i) for i in info.inputs],
         "outputs": [_io(info, i) for i in info.outputs],
-        "ops": [op for op, _ in ops],
+        "ops": [r.op for r in ops],
         "op_resolver": {"type": f"tflite::MicroMutableOpResolver<{len(ops)}>", "alias": f"{camel}OpResolver",
-                        "register": f"Register{camel}Ops", "methods": [m for _, m in ops]},
+                        "register": f"Register{camel}Ops", "methods": [r.method for r in ops],
+                        "specialized": bool(specialize), "registrations": [r.to_dict() for r in ops]},
+        "weights": weight_storage(info, layer_names),
         "sizes": {"flash_bytes": len(data), "arena_bytes": recommended_arena(arena, micro),
                   "arena_basis": ("max of the estimate and tflite-micro's measured minimum on this 64-bit host"
                                   if micro is not None else "estimate"),
@@ -404,4 +547,4 @@ def write_mcu_bundle(tflite_path, out_dir, name: str = "model", source_format: s
     }
     files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
     paths = {fname: write_bytes_atomic(out_dir / fname, content) for fname, content in files.items()}
-    return McuBundle(out_dir, ident, paths, digest, len(data), arena, tuple(op for op, _ in ops), manifest, micro)
+    return McuBundle(out_dir, ident, paths, digest, len(data), arena, tuple(r.op for r in ops), manifest, micro)

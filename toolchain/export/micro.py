@@ -202,32 +202,49 @@ def check_in_micro(data: bytes, x: np.ndarray, y: Optional[np.ndarray] = None,
     return MicroCheck(_version(), n, agreement, steps, acc(micro), acc(ref), arena)
 
 
-def _run_micro_here(data: bytes, x: np.ndarray, out_path: str) -> dict:
-    """In :func:`check_in_micro`'s child process: run every float sample of ``x`` through
-    tflite-micro (quantized with the model's input parameters), save the dequantized outputs to
-    ``out_path`` and return the output scale and the smallest arena."""
+def micro_outputs(data: bytes, x_q: np.ndarray, name: str = "the model") -> np.ndarray:
+    """tflite-micro's raw output tensors (its reference kernels, this host) for already-quantized
+    inputs ``x_q`` (one sample per row, the model's input dtype), one row per sample: what firmware
+    built with TFLM must reproduce bit for bit (runs in a child process, see :func:`_in_child`)."""
+    _, out = _in_child("_micro_outputs_here", data, np.asarray(x_q), {}, name)
+    return out
+
+
+def _micro_outputs_here(data: bytes, x_q: np.ndarray, out_path: str) -> dict:
+    """In :func:`micro_outputs`' child process."""
     runtime = _runtime()
     try:
         interp = runtime.Interpreter.from_bytes(data)
     except RuntimeError as e:
-        raise ConversionError(f"tflite-micro cannot load the MCU bundle's model ({e}); the graph uses "
-                              "something tflite-micro lacks") from e
-    ind, outd = interp.get_input_details(0), interp.get_output_details(0)
-    in_dtype, out_dtype = np.dtype(ind["dtype"]), np.dtype(outd["dtype"])
-    if in_dtype.kind not in "iu" or out_dtype.kind not in "iu":
-        raise ConversionError(f"the MCU bundle's model has {in_dtype}/{out_dtype} I/O; it needs integer I/O "
-                              "(export tflite-int8)")
-    in_scale = float(ind["quantization_parameters"]["scales"][0])
-    in_zp = int(ind["quantization_parameters"]["zero_points"][0])
-    out_scale = float(outd["quantization_parameters"]["scales"][0])
-    out_zp = int(outd["quantization_parameters"]["zero_points"][0])
-    info = np.iinfo(in_dtype)
-    x_q = np.clip(np.round(x / in_scale) + in_zp, info.min, info.max).astype(in_dtype)
-    shape = tuple(int(d) for d in ind["shape"])
+        raise ConversionError(f"tflite-micro cannot load the model ({e}); the graph uses something "
+                              "tflite-micro lacks") from e
+    ind = interp.get_input_details(0)
+    shape, dtype = tuple(int(d) for d in ind["shape"]), np.dtype(ind["dtype"])
     outs = []
-    for i in range(len(x)):
-        interp.set_input(x_q[i:i + 1].reshape(shape), 0)
+    for sample in x_q:
+        interp.set_input(np.asarray(sample, dtype=dtype).reshape(shape), 0)
         interp.invoke()
-        outs.append(np.array(interp.get_output(0), dtype=np.float32).reshape(-1))
-    np.save(out_path, (np.stack(outs) - out_zp) * out_scale)
-    return {"out_scale": out_scale, "arena": _min_arena_here(data, x_q[:1].reshape(shape))}
+        outs.append(np.array(interp.get_output(0)).reshape(-1))
+    np.save(out_path, np.stack(outs))
+    return {"samples": len(outs)}
+
+
+def _run_micro_here(data: bytes, x: np.ndarray, out_path: str) -> dict:
+    """In :func:`check_in_micro`'s child process: run every float sample of ``x`` through
+    tflite-micro (the runner's :class:`~deploy.runner.MicroBackend`; inputs quantized and outputs
+    dequantized with the model's own grids), save the outputs to ``out_path`` and return the
+    output scale and the smallest arena."""
+    from deploy.runner import MicroBackend, RunnerError, infer, prepare_inputs
+
+    _runtime()  # a missing package is a ConfigError naming the requirement
+    try:
+        backend = MicroBackend(data, name="the MCU bundle's model")
+        in_dtype, out_dtype = np.dtype(backend.input["dtype"]), np.dtype(backend.output["dtype"])
+        if in_dtype.kind not in "iu" or out_dtype.kind not in "iu":
+            raise ConversionError(f"the MCU bundle's model has {in_dtype}/{out_dtype} I/O; it needs integer I/O "
+                                  "(export tflite-int8)")
+        x_q = prepare_inputs(x, backend.input)
+        np.save(out_path, infer(backend, x_q).reshape(len(x_q), -1))
+    except RunnerError as e:
+        raise ConversionError(str(e)) from None
+    return {"out_scale": backend.output["quantization"][0], "arena": _min_arena_here(data, x_q[:1])}

@@ -76,28 +76,34 @@ class FirmwareRun:
                 "ram": {"data": s.data, "bss": s.bss, "arena_reserved": s.arena_reserved,
                         "arena_used": self.arena_used, "stack_used": self.stack_used,
                         "stack_reserved": STACK_BYTES},
-                "arena_estimate_bytes": self.build.project.arena_estimate_bytes}
+                "arena_estimate_bytes": self.build.project.arena_estimate_bytes,
+                "op_registrations": list(self.build.project.registrations),
+                "model_weights": dict(self.build.project.weights["total"],
+                                      int4_layers=len(self.build.project.weights["int4_layers"]))}
 
 
 def build_firmware(tflite_path, inputs, cpu: str = "m4", kernels: str = "cmsis-nn", out=None,
-                   arena_bytes: int = 0, name: str = "model") -> FirmwareBuild:
+                   arena_bytes: int = 0, name: str = "model", specialize: bool = True) -> FirmwareBuild:
     """Write the firmware project for ``tflite_path`` into ``out``/project, embed ``inputs`` (the
     model's dtype, or float to be quantized with the input's scale) in a QEMU harness and link it
     against the cached TFLM library for ``cpu``/``kernels``.
 
     The arena defaults to twice the MCU bundle's estimate plus 4 KiB, so the run can measure what
-    TFLM needs (:func:`run_firmware` then writes the measured size into the project)."""
+    TFLM needs (:func:`run_firmware` then writes the measured size into the project).
+    ``specialize``: the op resolver registers TFLM's type-specialised kernels where the model allows
+    (``False``: the generic ones, every type's code linked)."""
     check_cpu_kernels(cpu, kernels)
     if out is None:
         raise ConfigError("build_firmware needs out=<directory> for the project and the ELF")
     kit_dir()
     out = Path(out)
-    project = write_firmware_project(tflite_path, out / "project", name=name)
+    options = dict(name=name, kernels=kernels, specialize=specialize)
+    project = write_firmware_project(tflite_path, out / "project", **options)
     if not arena_bytes:
-        project = write_firmware_project(tflite_path, out / "project", name=name,
-                                         arena_bytes=2 * project.arena_estimate_bytes + 4096)
+        project = write_firmware_project(tflite_path, out / "project",
+                                         arena_bytes=2 * project.arena_estimate_bytes + 4096, **options)
     else:
-        project = write_firmware_project(tflite_path, out / "project", name=name, arena_bytes=arena_bytes)
+        project = write_firmware_project(tflite_path, out / "project", arena_bytes=arena_bytes, **options)
     x = quantize_inputs(project, inputs)
     write_qemu_harness(project, x, out / "qemu")
     lib = library(cpu, kernels)
@@ -114,8 +120,37 @@ def run_firmware(build: FirmwareBuild) -> FirmwareRun:
     return FirmwareRun(build, out.instructions, out.init_instructions, outputs, out.arena_used, out.stack_used)
 
 
-def reference_outputs(tflite_path, inputs: np.ndarray) -> np.ndarray:
-    """TFLite's reference kernels (``BUILTIN_REF``, no XNNPACK) on the same quantized samples."""
+#: what the firmware's outputs are checked against (both equal TFLM's integer arithmetic exactly;
+#: TFLite's default XNNPACK path does not)
+REFERENCE_RUNTIMES = {
+    "tflite-reference": "TFLite BUILTIN_REF kernels (no XNNPACK)",
+    "tflite-micro": "tflite-micro reference kernels (Python package, this host)",
+}
+
+
+def has_int4_weights(tflite_path) -> bool:
+    from toolchain.export.flatbuffer import read_flatbuffer
+
+    return any(t.type == "INT4" for t in read_flatbuffer(Path(tflite_path).read_bytes()).tensors)
+
+
+def reference_runtime(tflite_path) -> str:
+    """The reference for ``tflite_path``: TFLite's BUILTIN_REF kernels, except for a model with
+    packed INT4 kernels, which TF 2.14's reference resolver cannot load (it has no CONV_2D version 7,
+    the INT4 one): then the tflite-micro Python interpreter (TFLM's reference kernels)."""
+    return "tflite-micro" if has_int4_weights(tflite_path) else "tflite-reference"
+
+
+def reference_outputs(tflite_path, inputs: np.ndarray, runtime: Optional[str] = None) -> np.ndarray:
+    """The model's raw outputs on the same quantized samples in ``runtime`` (a key of
+    :data:`REFERENCE_RUNTIMES`; default :func:`reference_runtime`)."""
+    runtime = runtime or reference_runtime(tflite_path)
+    if runtime not in REFERENCE_RUNTIMES:
+        raise ConfigError(f"reference runtime {runtime!r} is not known; use one of {', '.join(REFERENCE_RUNTIMES)}")
+    if runtime == "tflite-micro":
+        from toolchain.export.micro import micro_outputs
+
+        return micro_outputs(Path(tflite_path).read_bytes(), np.asarray(inputs), name=Path(tflite_path).name)
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_path=str(tflite_path),
@@ -151,5 +186,6 @@ def compare_with_reference(run: FirmwareRun, reference: np.ndarray) -> Agreement
 
 
 __all__ = ["Agreement", "COUNT_LABEL", "CPUS", "FirmwareBuild", "FirmwareProject", "FirmwareRun", "KERNELS",
-           "build_firmware", "compare_with_reference", "library", "reference_outputs", "run_firmware",
+           "REFERENCE_RUNTIMES", "build_firmware", "compare_with_reference", "library", "reference_outputs",
+           "reference_runtime", "run_firmware",
            "write_firmware_project"]
