@@ -110,9 +110,33 @@ class BenchResult:
         return (f"- machine: {machine.get('machine')} {machine.get('cpu') or ''}, "
                 f"{machine.get('cpu_count')} CPUs, Python {machine.get('python')}")
 
+    def _firmware_markdown(self) -> list:
+        """A microcontroller firmware run: EMULATED INSTRUCTION COUNTS, flash and RAM, not ms."""
+        t, data = self.target, self.data
+        what = ("seeded random inputs (no accuracy)" if data.get("spec") is None else
+                f"`{data['spec']}` {data['split']} split, {data['samples']} samples")
+        lines = [f"> **Emulated microcontroller, not device timings.** {t.get('note', '')} The counts below are "
+                 f"{t.get('measures', 'EMULATED INSTRUCTION COUNTS')} (board {t.get('board')}, "
+                 f"{t.get('kernels')} kernels).", "",
+                 f"- artifact: {self.format}, {self.artifact_bytes:,} bytes, sha256 `{self.artifact_sha256[:16]}…`",
+                 f"- inputs: {what}; every sample run once (the count of an input is deterministic)", "",
+                 "| configuration | runtime | EMULATED instructions / inference (median) | min | max | "
+                 "flash (B) | RAM (B) | arena used (B) | stack (B) | accuracy |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for m in self.measurements:
+            fw = m.raw["firmware"]
+            acc = "–" if m.accuracy is None else f"{100 * m.accuracy:.2f}%"
+            lines.append(f"| {m.config.label()} | {m.runtime} {m.runtime_version} | "
+                         f"{fw['emulated_instructions_per_inference']:,} | {fw['emulated_instructions_min']:,} | "
+                         f"{fw['emulated_instructions_max']:,} | {fw['flash_bytes']:,} | {fw['ram_bytes']:,} | "
+                         f"{fw['ram']['arena_used']:,} | {fw['ram']['stack_used']:,} | {acc} |")
+        return lines
+
     def to_markdown(self) -> str:
         t = self.target
         lines = [f"# Benchmark: `{self.artifact}` on `{t['spec']}`", ""]
+        if self.measurements and all(m.raw.get("firmware") for m in self.measurements):
+            return "\n".join(lines + self._firmware_markdown()) + "\n"
         if self.emulated:
             lines += [f"> **Emulated, not Raspberry Pi timings.** {t.get('note', '')} "
                       f"(board {t.get('board')}, QEMU CPU {t.get('qemu_cpu')}).", ""]
@@ -312,18 +336,24 @@ def plot(result: BenchResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ms = result.measurements
+    firmware = bool(ms) and all(m.raw.get("firmware") for m in ms)
     labels = [f"{m.config.label()}\n{m.runtime}" for m in ms]
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(ms) + 1.6))
     pos = np.arange(len(ms))
-    p50 = np.array([m.p50_ms for m in ms])
-    p99 = np.array([m.p99_ms for m in ms])
-    ax.barh(pos, p50, color="#4c72b0", label="p50")
-    ax.errorbar(p99, pos, fmt="|", color="black", markersize=14, label="p99")
+    if firmware:  # an instruction count, not a time: median bar, max whisker
+        p50 = np.array([m.raw["firmware"]["emulated_instructions_per_inference"] for m in ms], dtype=float)
+        p99 = np.array([m.raw["firmware"]["emulated_instructions_max"] for m in ms], dtype=float)
+    else:
+        p50 = np.array([m.p50_ms for m in ms])
+        p99 = np.array([m.p99_ms for m in ms])
+    ax.barh(pos, p50, color="#4c72b0", label="median" if firmware else "p50")
+    ax.errorbar(p99, pos, fmt="|", color="black", markersize=14, label="max" if firmware else "p99")
     ax.set_yticks(pos, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel(("QEMU-emulated latency (ms, not Pi timings)" if result.emulated
-                   else "latency per single-sample inference (ms)"))
+    ax.set_xlabel("EMULATED INSTRUCTION COUNT per inference (QEMU -icount; not cycles, not time)" if firmware
+                  else "QEMU-emulated latency (ms, not Pi timings)" if result.emulated
+                  else "latency per single-sample inference (ms)")
     ax.set_title(f"{result.artifact} on {result.target['spec']}", fontsize=10)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

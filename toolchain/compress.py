@@ -259,22 +259,27 @@ def _verify_overrides(recipe) -> dict:
 
 def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[None, str, dict] = None,
                  target: Optional[str] = None, trust_model: bool = False, data_dir: Optional[str] = None,
-                 quiet: bool = False, task: Optional[str] = None) -> CompressResult:
+                 quiet: bool = False, task: Optional[str] = None, reference: Optional[str] = None) -> CompressResult:
     """The whole pipeline. ``task`` (classification | regression | autoencoder) overrides the recipe's
-    ``task`` key, whose ``auto`` infers it from the model and data (``toolchain.task``)."""
+    ``task`` key, whose ``auto`` infers it from the model and data (``toolchain.task``). ``target``
+    overrides the recipe's ``bench.target`` and chooses the defaults the recipe is merged over
+    (``toolchain.recipe.TARGET_DEFAULTS``: a microcontroller target gets relevance-chosen 4/8-bit
+    weights and an INT4 firmware). ``reference`` (or ``bench.reference``): an integer .tflite, e.g. the
+    official int8 model, built and run as firmware beside ours on a microcontroller target."""
     from toolchain.export import export, parse_formats
     from toolchain.model_io import file_sha256, model_hash
     from toolchain.pipeline import load_inputs
     from toolchain.outdir import check_output_dir, staged_output
-    from toolchain.recipe import load_recipe, validate
+    from toolchain.recipe import load_recipe, target_kind, validate
     from toolchain.relevance import compute_relevance, save_relevance
     from toolchain.relevance.plots import plot_layer_distributions
 
     # -- everything that can be checked is checked before any work ---------------------------
     # a dict is a recipe given in Python (toolchain.api), validated exactly like a YAML file
-    recipe = validate(recipe_path, "recipe (dict)") if isinstance(recipe_path, dict) else load_recipe(recipe_path)
-    if target is not None:
-        recipe = validate({**recipe, "bench": {**recipe["bench"], "target": target}}, "recipe (--target)")
+    recipe = (validate(recipe_path, "recipe (dict)", target) if isinstance(recipe_path, dict)
+              else load_recipe(recipe_path, target))
+    if reference is not None:
+        recipe["bench"]["reference"] = str(reference)
     parse_formats(recipe["export"]["formats"])
     # the output must never be (or hold) what this run reads, also when called from Python
     data_file = data_spec.split(":", 1)[1].split("?", 1)[0] if ":" in data_spec else None
@@ -297,14 +302,18 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
     if recipe["bench"]["enabled"]:
         from deploy.targets import resolve_target
 
-        resolve_target(recipe["bench"]["target"])  # an unknown or malformed target fails now
+        bench_target = resolve_target(recipe["bench"]["target"], kernels=recipe["bench"]["kernels"])
+        if target_kind(recipe["bench"]["target"]) == "mcu":
+            bench_target.check()  # a missing compiler, QEMU or kit is named (with its Debian package) now
+            _check_reference(recipe["bench"]["reference"])
     m_hash, d_hash = model_hash(model), dataset.content_hash()
     from toolchain.task import primary_metric
 
     summary: dict = {"model": str(Path(model_path).resolve()), "model_name": Path(model_path).name,
                      "data": data_spec, "data_provenance": dataset.provenance, "task": dataset.task,
                      "metric": primary_metric(dataset.task, dataset.anomaly_eval is not None)[0], "recipe": recipe,
-                     "versions": library_versions(), "cached_stages": []}
+                     "versions": library_versions(), "cached_stages": [],
+                     "target_defaults": _target_defaults_text(recipe["bench"]["target"])}
 
     with staged_output(out_dir) as stage:
         # 1. relevance of the original model on the calibration samples
@@ -354,7 +363,7 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
         formats = [f for f in parse_formats(recipe["export"]["formats"]) if plan is not None or "mixed" not in f]
         progress.stage("export", ", ".join(formats))
         bundle = export(compressed, dataset, formats, stage / "artifacts", bitplan=plan,
-                        thresholds=_verify_overrides(recipe), quiet=quiet)
+                        thresholds=_verify_overrides(recipe), mcu_source=recipe["export"]["mcu_source"], quiet=quiet)
         # reference points: the original as float32 and as the standard flow's uniform int8
         # The baselines are reference points, not shipped artifacts: their numbers are reported as
         # measured, and a plain int8 that strays from the original must not fail the run
@@ -372,8 +381,13 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
         summary["original"] = _compare_with_original(rows, bundle, original_out, dataset, recipe["verify"])
         if recipe["bench"]["enabled"]:
             b = recipe["bench"]
-            progress.stage("bench", f"target {b['target']}, {b['runs']} runs, threads {b['threads']}")
-            _bench_rows(rows, data_spec, data_dir, b, stage / "bench", quiet)
+            if target_kind(b["target"]) == "mcu":
+                n = min(b["samples"] or len(dataset.x_eval), len(dataset.x_eval))
+                progress.stage("bench", f"firmware on {b['target']} ({b['kernels']} kernels), {n} evaluation samples")
+                summary["firmware"] = _firmware_rows(rows, bundle, original_out, dataset, b, n)
+            else:
+                progress.stage("bench", f"target {b['target']}, {b['runs']} runs, threads {b['threads']}")
+                _bench_rows(rows, data_spec, data_dir, b, stage / "bench", quiet)
         _gains(rows)
         summary["measured_on"] = _measured_on(rows, recipe["bench"])
         for row in rows:  # paths in summary.json are relative to the build directory
@@ -390,7 +404,7 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
         # 7. report
         progress.stage("report", "report.html, report.md")
         plot_tradeoff(rows, summary.get("original"), stage / "tradeoff.png")
-        summary["headline"] = _headline(rows, summary["original"]["metric"])
+        summary["headline"] = _headline(rows, summary["original"]["metric"]) + _firmware_headline(summary.get("firmware"))
         summary["headline_format"] = (_headline_row(rows) or {}).get("format")
         summary["input_model_sha256"] = input_hash
         (stage / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
@@ -526,7 +540,13 @@ def _gains(rows: List[dict]) -> None:
 
 def _measured_on(rows: List[dict], bench_recipe: dict) -> dict:
     """Where and how the latencies were measured, in words the report prints next to them."""
+    from toolchain.recipe import target_kind
+
     timed = [r for r in rows if r.get("p50_ms")]
+    if bench_recipe["enabled"] and target_kind(bench_recipe["target"]) == "mcu":
+        return {"target": bench_recipe["target"], "emulated": True,
+                "text": f"latency not measured on this host: {bench_recipe['target']} firmware reports "
+                        "EMULATED INSTRUCTION COUNTS (see the firmware section), not time"}
     if not timed:
         return {"text": "latency not measured (bench.enabled: false)"}
     emulated = any(r.get("emulated") for r in timed)
@@ -615,6 +635,87 @@ def _bench_rows(rows, data_spec, data_dir, b, bench_dir: Path, quiet) -> None:
                     "bench_config": first.config.label(), "emulated": result.emulated})
 
 
+def _target_defaults_text(target: str) -> dict:
+    """Which per-target defaults the recipe was merged over, in words the summary prints."""
+    from toolchain.recipe import TARGET_DEFAULTS, target_kind
+
+    kind = target_kind(target)
+    overrides = TARGET_DEFAULTS[kind]
+    keys = ", ".join(f"{stage}.{k}: {v}" for stage, settings in overrides.items() for k, v in settings.items())
+    text = (f"defaults for a microcontroller target ({target}), before your recipe's keys: {keys}" if overrides
+            else f"defaults for a CPU target ({target}): the speed-oriented default recipe")
+    return {"kind": kind, "target": target, "overrides": overrides, "text": text}
+
+
+def _check_reference(path: Optional[str]) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() != ".tflite":
+        from toolchain.errors import ModelLoadError
+
+        raise ModelLoadError(f"the firmware reference {path} is not an existing .tflite file; pass an integer "
+                             "TFLite model (e.g. the official int8 model) to --reference or bench.reference")
+
+
+#: (origin, format) of the artifacts built into firmware, in the firmware table's order
+FIRMWARE_CANDIDATES = (("compressed", "tflite-mixed"), ("compressed", "tflite-int8"))
+
+
+def _firmware_rows(rows: List[dict], bundle, original_out, dataset, b: dict, n: int) -> dict:
+    """Each integer TFLite artifact (and the reference, when given) as firmware on the emulated
+    Cortex-M, on the first ``n`` evaluation samples: model and whole-firmware flash, RAM (static +
+    arena + measured stack), EMULATED INSTRUCTION COUNT per inference, accuracy and agreement with
+    TFLite's reference kernels on the same samples; the float model's host accuracy on those samples
+    beside them. Non-integer artifacts are listed as not firmware candidates, with the reason."""
+    from deploy.targets import resolve_target
+    from toolchain.errors import ConversionError
+    from toolchain.export.flatbuffer import read_flatbuffer
+    from toolchain.export.mcu import check_integer_model
+    from toolchain.task import evaluate
+
+    target = resolve_target(b["target"], kernels=b["kernels"])
+    x, y = dataset.x_eval[:n], dataset.y_eval[:n]
+    labels = y if dataset.is_classification else None
+    float_row = next((r for r in rows if r["origin"] == "baseline" and r["format"] == "tflite-fp32"), None)
+    original = evaluate(dataset.task, y, original_out[:n])
+    entries, skipped = [], []
+    mcu_source = bundle.mcu.manifest.get("source", {}).get("format") if bundle.mcu is not None else None
+    for origin, fmt in FIRMWARE_CANDIDATES:
+        row = next((r for r in rows if r["origin"] == origin and r["format"] == fmt), None)
+        if row is None:
+            continue
+        try:
+            check_integer_model(read_flatbuffer(Path(row["path"]).read_bytes()), f"{Path(row['path']).name} ({fmt})")
+        except ConversionError as e:
+            skipped.append({"name": row["name"], "format": fmt, "reason": str(e)})
+            continue
+        measured = {k: v for k, v in target.measure(row["path"], x, labels).items() if k != "scores"}
+        entries.append({"name": row["name"], "format": fmt, "label": _LABELS.get((origin, fmt), fmt),
+                        "mcu_bundle": fmt == mcu_source, **measured})
+        row["firmware"] = {k: measured[k] for k in ("emulated_instructions_per_inference", "firmware_flash_bytes",
+                                                    "model_flash_bytes", "ram_bytes", "accuracy")}
+    for r in rows:
+        if r["format"] in ("tflite-fp32", "onnx-fp32", "onnx-int8", "onnx-mixed") and r["origin"] == "compressed":
+            skipped.append({"name": r["name"], "format": r["format"],
+                            "reason": "not a firmware candidate: " + ("float32 weights and activations (the "
+                                      "microcontroller runs integer models)" if "fp32" in r["format"]
+                                      else "ONNX does not run on TFLite Micro")})
+    if b["reference"]:
+        measured = {k: v for k, v in target.measure(b["reference"], x, labels).items() if k != "scores"}
+        entries.append({"name": f"reference/{Path(b['reference']).name}", "format": "reference",
+                        "label": f"reference: {Path(b['reference']).name} (given with --reference)",
+                        "mcu_bundle": False, **measured})
+    from toolchain.firmware import COUNT_LABEL
+
+    return {"target": b["target"], "kernels": b["kernels"], "samples": int(n), "count_kind": COUNT_LABEL,
+            "entries": entries, "not_firmware": skipped,
+            "float_model": {"name": float_row["name"] if float_row else "original (Keras)",
+                            "size_bytes": float_row["size_bytes"] if float_row else None,
+                            "accuracy_same_samples": original.get("accuracy"),
+                            "note": "the original float32 model on this host (not a firmware candidate)"}}
+
+
 def _fidelity(model, compressed, plan, dataset, rule, stage: Path, quiet) -> dict:
     from toolchain.fidelity import dequantized_copy, explanation_fidelity, plot_fidelity
 
@@ -655,6 +756,17 @@ def _headline(rows: List[dict], metric: str = "accuracy") -> str:
     if pick.get("p50_ms") and base.get("p50_ms"):
         text += f"; p50 {pick['p50_ms']:.3f} ms, {base['p50_ms'] / pick['p50_ms']:.1f}x faster than float32"
     return text
+
+
+def _firmware_headline(fw: Optional[dict]) -> str:
+    """The MCU bundle's firmware numbers for the headline (empty without a firmware run)."""
+    ours = next((e for e in (fw or {}).get("entries", []) if e["mcu_bundle"]), None)
+    if ours is None:
+        return ""
+    acc = f", accuracy {ours['accuracy']:.2%} on {fw['samples']} samples" if ours.get("accuracy") is not None else ""
+    return (f"; firmware ({ours['format']}) on {fw['target']}: {ours['emulated_instructions_per_inference']:,} "
+            f"EMULATED instructions/inference, model {ours['model_flash_bytes']:,} B in flash of "
+            f"{ours['firmware_flash_bytes']:,} B, RAM {ours['ram_bytes']:,} B{acc}")
 
 
 def _budget_text(q: dict) -> str:

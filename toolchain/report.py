@@ -98,6 +98,48 @@ def _table_html(headers: Sequence[str], rows: List[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+#: the firmware table's columns
+FIRMWARE_HEADERS = ("firmware", "model in flash (B)", "whole firmware flash (B)", "RAM: static + arena + stack (B)",
+                    "EMULATED INSTRUCTIONS / inference", "accuracy", "agreement with TFLite (top-1)",
+                    "bit-identical outputs")
+
+
+def firmware_section(summary: Mapping, fw: Mapping) -> dict:
+    """The microcontroller firmware: each integer artifact (and the reference, when given) built with
+    TFLite Micro and run on the emulated Cortex-M, beside the float model's host accuracy."""
+    def num(v):
+        return "–" if v is None else f"{int(v):,}"
+
+    rows = []
+    for e in fw.get("entries", []):
+        ram = e.get("ram") or {}
+        static = (ram.get("data", 0) + ram.get("bss", 0) - ram.get("arena_reserved", 0))
+        ref = e.get("tflite_reference") or {}
+        rows.append([e["label"] + (" (the MCU bundle)" if e.get("mcu_bundle") else ""), num(e["model_flash_bytes"]),
+                     num(e["firmware_flash_bytes"]),
+                     f"{e['ram_bytes']:,} ({static:,} + {ram.get('arena_used', 0):,} + {ram.get('stack_used', 0):,})",
+                     num(e["emulated_instructions_per_inference"]),
+                     "–" if e.get("accuracy") is None else f"{e['accuracy']:.2%}",
+                     f"{ref['top1_agreement']:.1%}" if ref else "–",
+                     f"{ref['identical']} of {ref['samples']}" if ref else "–"])
+    fl = fw.get("float_model") or {}
+    rows.append([f"{fl.get('name', 'original')}: float32, on this host (not a firmware candidate)",
+                 num(fl.get("size_bytes")), "–", "–", "–",
+                 "–" if fl.get("accuracy_same_samples") is None else f"{fl['accuracy_same_samples']:.2%}", "–", "–"])
+    skipped = "; ".join(f"{s['name']}: {s['reason']}" for s in fw.get("not_firmware", []))
+    defaults = (summary.get("target_defaults") or {}).get("text", "")
+    text = (f"TFLite Micro firmware ({fw['kernels']} kernels) built with arm-none-eabi-gcc and run on QEMU for "
+            f"{fw['target']}, every one of the first {fw['samples']} evaluation samples once. Instructions are an "
+            f"{fw['count_kind']}. Flash excludes the test inputs the QEMU harness embeds; RAM is .data + .bss "
+            "outside the arena + the arena TFLM used + the measured stack. Agreement: the firmware's outputs "
+            "against TFLite's reference kernels on the same quantized samples. The float row is the original "
+            "model's accuracy on the same samples."
+            + (f" Not built as firmware: {skipped}." if skipped else "")
+            + (f" Recipe: {defaults}." if defaults else ""))
+    return {"title": "Microcontroller firmware (emulated)", "text": text, "headers": list(FIRMWARE_HEADERS),
+            "rows": rows, "plots": []}
+
+
 def mcu_flash_section(weights: Mapping) -> dict:
     """The MCU bundle's kernel weights per layer, read from its flatbuffer: stored type and bytes in
     flash against the same layer in int8 (packed INT4 holds two weights per byte)."""
@@ -157,6 +199,9 @@ def sections(summary: Mapping) -> List[dict]:
         out.append({"title": "Artifacts", "text": text,
                     "headers": [c[1] for c in columns],
                     "rows": [[_cell(r, k, f) for k, _, f in columns] for r in art], "plots": []})
+    fw = summary.get("firmware")
+    if fw:
+        out.append(firmware_section(summary, fw))
     weights = (summary.get("mcu") or {}).get("weights")
     if weights:
         out.append(mcu_flash_section(weights))

@@ -99,7 +99,12 @@ class Target(ABC):
     def record(self, where: str, done, request: RunRequest, config: RunConfig, results: List[dict],
                on_result: Optional[Callable[[dict], None]]) -> None:
         """Parse one finished runner process, label its JSON and hand it on."""
-        doc = parse_runner_output(where, done.returncode, done.stdout, done.stderr)
+        self.emit(parse_runner_output(where, done.returncode, done.stdout, done.stderr), request, config,
+                  results, on_result)
+
+    def emit(self, doc: dict, request: RunRequest, config: RunConfig, results: List[dict],
+             on_result: Optional[Callable[[dict], None]]) -> None:
+        """Label one configuration's runner JSON, collect it and hand it on."""
         results.append(self.label(doc, request, config))
         if on_result is not None:
             on_result(results[-1])

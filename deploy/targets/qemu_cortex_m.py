@@ -11,6 +11,7 @@ so ``runs``/``warmup`` do not apply: every sample of the inputs is run once.
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -23,6 +24,8 @@ from toolchain.errors import ConfigError, DataError
 #: samples run when the benchmark passes no inputs (seeded random, no accuracy)
 RANDOM_SAMPLES = 4
 RANDOM_SEED = 0
+#: the harness's input arrays (``static``: C++-mangled ``_ZL<len>g_input_<i>``) and their table
+HARNESS_INPUT_SYMBOL = re.compile(r"^(_ZL\d+)?g_input(s|_\d+)$")
 #: QEMU virtual time per emulated instruction under -icount shift=0
 VIRTUAL_NS_PER_INSTRUCTION = 1.0
 
@@ -62,24 +65,14 @@ class QemuCortexMTarget(Target):
 
     def run(self, request: RunRequest, configs: Sequence[RunConfig],
             on_result: Optional[Callable[[dict], None]] = None) -> List[dict]:
-        from toolchain.firmware import build_firmware, run_firmware
-
         if request.artifact.suffix.lower() != ".tflite":
             raise ConfigError(f"{request.artifact.name} cannot run on {self.spec}: the firmware takes an "
                               "integer .tflite; export tflite-int8")
         x, y = self._inputs(request)
+        doc = self._document(self.measure(request.artifact, x, y), request)
         results: List[dict] = []
-        work = temp_dir("toolchain-qemu-m-")
-        try:
-            build = build_firmware(request.artifact, x, cpu=self.cpu, kernels=self.kernels, out=work)
-            fw = run_firmware(build)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        doc = self._document(fw, y, request)
         for config in configs:   # one deterministic firmware run answers every configuration
-            results.append(self.label(doc, request, config))
-            if on_result is not None:
-                on_result(results[-1])
+            self.emit(doc, request, config, results, on_result)
         return results
 
     def _inputs(self, request: RunRequest):
@@ -102,39 +95,96 @@ class QemuCortexMTarget(Target):
         info = np.iinfo(spec.dtype)
         return rng.integers(info.min, info.max + 1, size=shape).astype(spec.dtype), None
 
-    def _document(self, fw, y, request: RunRequest) -> dict:
+    def measure(self, tflite_path, x: np.ndarray, y: Optional[np.ndarray] = None) -> dict:
+        """Build and run ``tflite_path`` as firmware on ``x`` (float, quantized with the model's input
+        scale, or already in the model's dtype); see :func:`measure_firmware`."""
+        return measure_firmware(tflite_path, x, y, cpu=self.cpu, kernels=self.kernels)
+
+    def _document(self, fw: dict, request: RunRequest) -> dict:
+        """The runner-JSON document of one :func:`measure_firmware` result."""
         from toolchain.firmware import kit_dir
         from toolchain.firmware.build import kit_hash
 
-        counts = np.asarray(fw.instructions, dtype=np.float64)
+        counts = np.asarray(fw["emulated_instructions"], dtype=np.float64)
         virtual_ms = counts * VIRTUAL_NS_PER_INSTRUCTION / 1e6
         pcts = {f"p{p}": round(float(np.percentile(virtual_ms, p)), 4) for p in (50, 90, 99)}
-        out = fw.build.project.output
-        scores = fw.outputs.reshape(len(fw.outputs), -1).astype(np.float64)
-        if out.dtype != "float32" and out.scale:
-            scores = (scores - out.zero_point) * out.scale
-        accuracy = None
-        if y is not None:
-            labels = np.asarray(y).reshape(len(y), -1)
-            labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0]
-            accuracy = round(float(np.mean(scores.argmax(1) == labels)), 6)
-        summary = fw.summary()
+        summary = {k: v for k, v in fw.items() if k not in ("scores", "accuracy", "accuracy_samples")}
         return {
             "runs": len(counts), "warmup": 0,
-            "runtime": {"name": f"tflite-micro {self.kernels} firmware on QEMU {summary['machine']}",
+            "runtime": {"name": f"tflite-micro {self.kernels} firmware on QEMU {fw['machine']}",
                         "version": f"kit {kit_hash(kit_dir())[:12]}"},
             "latency_ms": dict(pcts, mean=round(float(virtual_ms.mean()), 4), min=round(float(virtual_ms.min()), 4),
                                max=round(float(virtual_ms.max()), 4)),
             "latency_kind": "QEMU virtual time at 1 ns per EMULATED INSTRUCTION (not device time)",
             "throughput_per_s": round(1e3 / float(virtual_ms.mean()), 2),
-            "load_ms": round(fw.init_instructions * VIRTUAL_NS_PER_INSTRUCTION / 1e6, 4),
+            "load_ms": round(fw["emulated_instructions_init"] * VIRTUAL_NS_PER_INSTRUCTION / 1e6, 4),
             "peak_rss_mib": None,
-            "machine": {"machine": summary["machine"], "python": None},
+            "machine": {"machine": fw["machine"], "python": None},
             "emulation": {"host_machine": platform.machine(), "qemu": "qemu-system-arm -icount shift=0"},
-            "accuracy": accuracy, "accuracy_samples": None if y is None else int(len(y)),
-            "firmware": dict(summary, emulated_instructions=list(fw.instructions)),
-            **({"outputs": scores.tolist()} if request.include_outputs else {}),
+            "accuracy": fw["accuracy"], "accuracy_samples": fw["accuracy_samples"],
+            "firmware": summary,
+            **({"outputs": fw["scores"]} if request.include_outputs else {}),
         }
+
+
+def output_scores(fw) -> np.ndarray:
+    """The firmware's outputs per sample, dequantized with the output's scale (float outputs as they are)."""
+    out = fw.build.project.output
+    scores = fw.outputs.reshape(len(fw.outputs), -1).astype(np.float64)
+    if out.dtype != "float32" and out.scale:
+        scores = (scores - out.zero_point) * out.scale
+    return scores
+
+
+def top1_accuracy(scores: np.ndarray, y: Optional[np.ndarray]) -> Optional[float]:
+    """Top-1 accuracy of ``scores`` against class labels (or one-hot rows); ``None`` without labels."""
+    if y is None:
+        return None
+    labels = np.asarray(y).reshape(len(y), -1)
+    labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0]
+    return round(float(np.mean(scores.argmax(1) == labels)), 6)
+
+
+def harness_input_bytes(elf: Path) -> int:
+    """Flash the QEMU harness's embedded test inputs take (``g_input_*`` arrays and their pointer
+    table): not part of a firmware a user ships, so reported flash excludes it."""
+    from toolchain.firmware.build import _run
+
+    total = 0
+    for line in _run(["arm-none-eabi-nm", "-S", elf], elf.parent, "arm-none-eabi-nm").splitlines():
+        parts = line.split()
+        if len(parts) == 4 and HARNESS_INPUT_SYMBOL.match(parts[3]):
+            total += int(parts[1], 16)
+    return total
+
+
+def measure_firmware(tflite_path, x: np.ndarray, y: Optional[np.ndarray] = None, cpu: str = "m4",
+                     kernels: str = "cmsis-nn") -> dict:
+    """One integer ``.tflite`` as firmware on QEMU: build (cached TFLM library), run every sample of
+    ``x`` once, and check the outputs against TFLite's reference kernels on the same quantized
+    samples. Returns the firmware summary (EMULATED INSTRUCTION COUNTS, flash, RAM, arena, stack) with
+    ``emulated_instructions`` (per sample), ``scores`` (dequantized outputs), ``model_flash_bytes``,
+    ``firmware_flash_bytes`` (the harness's test inputs excluded), ``accuracy`` (with labels ``y``)
+    and the agreement with TFLite (``tflite_reference``)."""
+    from toolchain.firmware import build_firmware, compare_with_reference, reference_outputs, run_firmware
+
+    work = temp_dir("toolchain-qemu-m-")
+    try:
+        build = build_firmware(tflite_path, x, cpu=cpu, kernels=kernels, out=work)
+        fw = run_firmware(build)
+        inputs_bytes = harness_input_bytes(build.elf)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    agreement = compare_with_reference(fw, reference_outputs(tflite_path, build.inputs))
+    summary = fw.summary()
+    scores = output_scores(fw)
+    return dict(summary, emulated_instructions=list(fw.instructions), scores=scores.tolist(),
+                model_flash_bytes=build.sizes.model_bytes,
+                firmware_flash_bytes=build.sizes.flash_bytes - inputs_bytes,
+                harness_inputs_bytes=inputs_bytes,
+                accuracy=top1_accuracy(scores, y), accuracy_samples=None if y is None else int(len(y)),
+                tflite_reference={**agreement.to_dict(), "runtime": "TFLite BUILTIN_REF kernels (no XNNPACK)",
+                                  "top1_agreement": agreement.top1_agree / max(agreement.samples, 1)})
 
 
 class QemuCortexM4Target(QemuCortexMTarget):

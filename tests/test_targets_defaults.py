@@ -1,0 +1,82 @@
+"""Per-target default recipes: a microcontroller target merges its overrides over the default
+recipe before the user's keys, the user's keys win, CPU targets keep the speed-oriented default,
+and `toolchain recipe --example --target` shows them. No TensorFlow import: milliseconds."""
+import copy
+
+import pytest
+import yaml
+
+from toolchain.errors import ConfigError
+from toolchain.recipe import (DEFAULT_RECIPE, MCU_TARGETS, TARGET_DEFAULTS, defaults_for, example, load_recipe,
+                              target_kind, validate)
+
+
+@pytest.mark.parametrize("target", MCU_TARGETS)
+def test_mcu_target_defaults_apply(target):
+    recipe = load_recipe(None, target)
+    for stage, settings in TARGET_DEFAULTS["mcu"].items():
+        for key, value in settings.items():
+            assert recipe[stage][key] == value, f"{stage}.{key}"
+    assert recipe["bench"]["target"] == target
+    assert recipe["quantize"]["allocator"] == "relevance" and min(recipe["quantize"]["bits"]) <= 4
+    assert recipe["quantize"]["float_layers"] == [] and recipe["export"]["mcu_source"] == "tflite-mixed"
+    assert "mcu" in recipe["export"]["formats"]
+    # everything the table does not name stays the default recipe's
+    assert recipe["prune"] == DEFAULT_RECIPE["prune"] and recipe["verify"] == DEFAULT_RECIPE["verify"]
+
+
+@pytest.mark.parametrize("target", ["local", "emulated-pi4", "emulated-pi5", "ssh://pi@board"])
+def test_cpu_targets_keep_the_speed_default(target):
+    recipe = load_recipe(None, target)
+    assert target_kind(target) == "cpu"
+    assert {k: v for k, v in recipe.items() if k != "bench"} == {k: v for k, v in DEFAULT_RECIPE.items() if k != "bench"}
+    assert recipe["quantize"]["float_layers"] == ["first"] and recipe["quantize"]["bits"] == [8]
+
+
+def test_user_keys_win_over_target_defaults():
+    given = {"quantize": {"bits": [2, 3, 4, 8], "budget": "size-kb=12"}, "export": {"mcu_source": "tflite-int8"},
+             "bench": {"samples": 50, "kernels": "reference"}}
+    recipe = validate(copy.deepcopy(given), "recipe", "qemu-cortex-m4")
+    assert recipe["quantize"]["bits"] == [2, 3, 4, 8] and recipe["quantize"]["budget"] == "size-kb=12"
+    assert recipe["quantize"]["allocator"] == "relevance"          # not given: the target's default
+    assert recipe["export"]["mcu_source"] == "tflite-int8"
+    assert recipe["bench"]["samples"] == 50 and recipe["bench"]["kernels"] == "reference"
+
+
+def test_recipe_bench_target_chooses_defaults_and_target_argument_overrides_it():
+    from_file = validate({"bench": {"target": "qemu-cortex-m7"}})
+    assert from_file["quantize"]["allocator"] == "relevance" and from_file["bench"]["target"] == "qemu-cortex-m7"
+    # --target wins over the recipe's bench.target, and its kind picks the defaults
+    moved = validate({"bench": {"target": "qemu-cortex-m7"}}, "recipe", "local")
+    assert moved["bench"]["target"] == "local" and moved["quantize"]["allocator"] == DEFAULT_RECIPE["quantize"]["allocator"]
+
+
+def test_defaults_table_never_mutates_the_default_recipe():
+    before = copy.deepcopy(DEFAULT_RECIPE)
+    defaults_for("qemu-cortex-m4")["quantize"]["bits"].append(2)
+    assert DEFAULT_RECIPE == before and TARGET_DEFAULTS["mcu"]["quantize"]["bits"] == [4, 8]
+
+
+def test_float_layers_with_the_mixed_mcu_source_are_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"quantize.float_layers: \[\] or export.mcu_source: tflite-int8"):
+        validate({"quantize": {"float_layers": ["first"]}}, "recipe", "qemu-cortex-m4")
+    with pytest.raises(ConfigError, match="export.mcu_source: tflite-int8 or enable quantize"):
+        validate({"quantize": {"enabled": False}}, "recipe", "qemu-cortex-m4")
+
+
+def test_example_shows_the_target_overrides():
+    text = example("qemu-cortex-m4")
+    assert text.startswith(example())
+    tail = yaml.safe_load(text[len(example()):])
+    assert tail["quantize"] == TARGET_DEFAULTS["mcu"]["quantize"] and tail["bench"]["target"] == "qemu-cortex-m4"
+    # the commented default recipe itself is a valid recipe equal to the default
+    assert validate(yaml.safe_load(example())) == DEFAULT_RECIPE
+    with pytest.raises(ConfigError, match="bench.target"):
+        example("qemu-cortex-m99")
+
+
+def test_cli_recipe_example_target(capsys):
+    from toolchain.cli import main
+
+    assert main(["recipe", "--example", "--target", "qemu-cortex-m7"]) == 0
+    assert "mcu_source: tflite-mixed" in capsys.readouterr().out
