@@ -97,6 +97,25 @@ def digits_model(quick: bool) -> Path:
     return path
 
 
+def artifact_row(name: str, flow: str, fmt: str, path, x, y, data_spec: str, runs: int, work: Path,
+                 packed=None, note: str = "") -> dict:
+    """One table row: the artifact's bytes and gzip bytes, its accuracy on ``x``/``y`` in its own
+    runtime (TFLite or ONNX Runtime) and its latency on this CPU (``measure`` on ``data_spec``)."""
+    row = {"model": name, "flow": flow, "format": fmt, "path": str(path),
+           "bytes": Path(path).stat().st_size, "gzip_bytes": gz(path),
+           "packed_weight_bytes": packed, "note": note}
+    if fmt.startswith("tflite"):
+        row["accuracy"] = tflite_accuracy(path, x, y)
+    else:
+        from toolchain.run import run_artifact
+
+        row["accuracy"] = float((np.argmax(run_artifact(path, x), -1) == y).mean())
+    row.update(measure(path, data_spec, runs, work / "bench" / f"{name}_{flow}_{fmt}".replace(" ", "_")))
+    print(f"  {flow:18s} {fmt:13s} {row['bytes']:>8,} B  acc {row['accuracy']:.2%}  p50 {row['p50_ms']:.4f} ms",
+          flush=True)
+    return row
+
+
 def run_case(name: str, model_path: Path, data_spec: str, runs: int, work: Path, official=None,
              recipe_path=None, paired_runs=None) -> dict:
     """Every flow on one model: float32, uniform int8, magnitude pruning + int8, magnitude filters
@@ -116,19 +135,7 @@ def run_case(name: str, model_path: Path, data_spec: str, runs: int, work: Path,
     t0 = time.perf_counter()
 
     def add(flow, fmt, path, packed=None, note=""):
-        row = {"model": name, "flow": flow, "format": fmt, "path": str(path),
-               "bytes": Path(path).stat().st_size, "gzip_bytes": gz(path),
-               "packed_weight_bytes": packed, "note": note}
-        if fmt.startswith("tflite"):
-            row["accuracy"] = tflite_accuracy(path, x, y)
-        else:
-            from toolchain.run import run_artifact
-
-            row["accuracy"] = float((np.argmax(run_artifact(path, x), -1) == y).mean())
-        row.update(measure(path, data_spec, runs, work / "bench" / f"{name}_{flow}_{fmt}".replace(" ", "_")))
-        rows.append(row)
-        print(f"  {flow:18s} {fmt:13s} {row['bytes']:>8,} B  acc {row['accuracy']:.2%}  p50 {row['p50_ms']:.4f} ms",
-              flush=True)
+        rows.append(artifact_row(name, flow, fmt, path, x, y, data_spec, runs, work, packed, note))
 
     n_weights = sum(int(np.prod(w.shape)) for l in model.layers for w in l.weights[:1]
                     if type(l).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense"))
