@@ -267,6 +267,7 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
     weights and an INT4 firmware). ``reference`` (or ``bench.reference``): an integer .tflite, e.g. the
     official int8 model, built and run as firmware beside ours on a microcontroller target."""
     from toolchain.export import export, parse_formats
+    from toolchain.export.convert_worker import converter_session
     from toolchain.model_io import file_sha256, model_hash
     from toolchain.pipeline import load_inputs
     from toolchain.outdir import check_output_dir, staged_output
@@ -315,7 +316,8 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
                      "versions": library_versions(), "cached_stages": [],
                      "target_defaults": _target_defaults_text(recipe["bench"]["target"])}
 
-    with staged_output(out_dir) as stage:
+    # one converter child process serves the baseline's and the compressed model's exports
+    with staged_output(out_dir) as stage, converter_session():
         # 1. relevance of the original model on the calibration samples
         rel = recipe["relevance"]
         x_cal, y_cal = dataset.calibration(min(rel["samples"], len(dataset.x_train)))

@@ -15,19 +15,19 @@ sparse      full integer int8 plus ``Optimize.EXPERIMENTAL_SPARSITY``: kernels o
 mixed       per-layer widths from a ``BitPlan`` (see :mod:`toolchain.export.tflite_mixed`)
 ==========  ==================================================================================
 
-Conversion is deterministic (same model and samples give the same bytes; tested).
+Conversion is deterministic (same model and samples give the same bytes; tested). It runs in a
+child process (:mod:`toolchain.export.convert_worker`): a converter that crashes natively on an odd
+graph is a ``ConversionError`` naming the format and the signal, not a silent exit.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
-from toolchain.errors import ConfigError, ConversionError
+from toolchain.errors import ConfigError
 from toolchain.export.artifact import Artifact, make_artifact, write_bytes_atomic
+from toolchain.export.convert_worker import ConvertJob, convert_in_child
 from toolchain.export.flatbuffer import LAYER_OPS, describe, read_flatbuffer
 
 VARIANTS = ("fp32", "fp16", "dynamic", "int8", "int16x8", "sparse", "mixed")
@@ -37,85 +37,44 @@ CALIBRATED = ("int8", "int16x8", "sparse", "mixed")
 IO_CHOICES = (None, "int8", "float")
 
 
-def representative_dataset(calib_x: np.ndarray) -> Callable[[], Iterator[list]]:
-    """One sample per step, in order (calibration is a prefix of the train split)."""
-    x = np.asarray(calib_x, dtype=np.float32)
-
-    def gen():
-        for i in range(len(x)):
-            yield [x[i:i + 1]]
-
-    return gen
-
-
-@contextlib.contextmanager
-def _quiet_converter():
-    """The converter logs every pass at WARNING through absl and its C++ quantizer prints
-    ("fully_quantize: 0, inference_type: 6, ...") straight to the process's stdout/stderr; keep the
-    CLI readable unless ``--debug`` (``TOOLCHAIN_DEBUG``). Failures still raise with their message."""
-    from toolchain.export.micro import quiet_native_output
-
-    logger = logging.getLogger("tensorflow")
-    old = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with (contextlib.nullcontext() if os.environ.get("TOOLCHAIN_DEBUG") else quiet_native_output()):
-            yield
-    finally:
-        logger.setLevel(old)
-
-
 def check_io(io: Optional[str]) -> None:
     if io not in IO_CHOICES:
         raise ConfigError(f"io {io!r} is not one of int8, float (or None for the format's default); "
                           "pass io='int8' or io='float'")
 
 
-def converter_for(model, variant: str, calib_x: Optional[np.ndarray] = None, io: Optional[str] = None):
-    """A configured ``TFLiteConverter`` for ``variant`` (all but ``mixed``)."""
-    import tensorflow as tf
-
+def converter_job(variant: str, calib_x: Optional[np.ndarray] = None, io: Optional[str] = None) -> ConvertJob:
+    """The converter settings of ``variant`` (all but ``mixed``), as a :class:`ConvertJob`."""
     check_io(io)
     if variant not in VARIANTS or variant == "mixed":
         raise ConfigError(f"TFLite variant {variant!r} is not one of {', '.join(v for v in VARIANTS if v != 'mixed')}")
     if variant in CALIBRATED and (calib_x is None or len(calib_x) == 0):
         raise ConfigError(f"tflite-{variant} needs calibration samples; pass a dataset with a train split")
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    name = f"tflite-{variant}"
     if variant == "fp32":
-        return conv
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        return ConvertJob(name)
     if variant == "fp16":
-        conv.target_spec.supported_types = [tf.float16]
-    elif variant in ("int8", "sparse"):
-        conv.representative_dataset = representative_dataset(calib_x)
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if io != "float":
-            conv.inference_input_type = tf.int8
-            conv.inference_output_type = tf.int8
-        if variant == "sparse":
-            conv.optimizations = [tf.lite.Optimize.DEFAULT, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-    elif variant == "int16x8":
-        conv.representative_dataset = representative_dataset(calib_x)
-        conv.target_spec.supported_ops = [
-            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-        if io == "int8":
-            raise ConfigError("tflite-int16x8 has int16 I/O or float I/O, not int8; pass io='float' or leave it unset")
-        if io is None:
-            conv.inference_input_type = tf.int16
-            conv.inference_output_type = tf.int16
-    return conv
+        return ConvertJob(name, optimizations=("DEFAULT",), supported_types=("float16",))
+    if variant == "dynamic":
+        return ConvertJob(name, optimizations=("DEFAULT",))
+    if variant in ("int8", "sparse"):
+        io_type = None if io == "float" else "int8"
+        return ConvertJob(name, optimizations=("DEFAULT", "EXPERIMENTAL_SPARSITY") if variant == "sparse" else ("DEFAULT",),
+                          supported_ops=("TFLITE_BUILTINS_INT8",), representative=True,
+                          inference_input_type=io_type, inference_output_type=io_type)
+    if io == "int8":  # int16x8
+        raise ConfigError("tflite-int16x8 has int16 I/O or float I/O, not int8; pass io='float' or leave it unset")
+    io_type = "int16" if io is None else None
+    return ConvertJob(name, optimizations=("DEFAULT",), representative=True,
+                      supported_ops=("EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8",),
+                      inference_input_type=io_type, inference_output_type=io_type)
 
 
 def convert(model, variant: str, calib_x: Optional[np.ndarray] = None, io: Optional[str] = None) -> bytes:
-    """``.tflite`` bytes of ``model`` in ``variant`` (all but ``mixed``)."""
-    conv = converter_for(model, variant, calib_x, io)
-    try:
-        with _quiet_converter():
-            return bytes(conv.convert())
-    except Exception as e:  # noqa: BLE001 - the converter raises many unrelated types
-        msg = str(e).strip().splitlines()
-        raise ConversionError(f"TFLite converter failed for tflite-{variant}: "
-                              f"{msg[-1] if msg else type(e).__name__}; run with --debug for the trace") from e
+    """``.tflite`` bytes of ``model`` in ``variant`` (all but ``mixed``), converted in a child process
+    (:func:`~toolchain.export.convert_worker.convert_in_child`)."""
+    job = converter_job(variant, calib_x, io)
+    return convert_in_child(model, job, calib_x if job.representative else None)
 
 
 def kernel_layer_names(model) -> dict:

@@ -382,39 +382,34 @@ def _prepare(model, plan):
 
 
 def _convert_qat(cm, grids, calib_x, io):
-    import tensorflow as tf
-
-    from toolchain.export.tflite_backend import _quiet_converter
+    from toolchain.export.convert_worker import ConvertJob, convert_in_child
 
     qat = build_qat_model(cm.model, grids)
     calibrate(qat, calib_x)
-    conv = tf.lite.TFLiteConverter.from_keras_model(qat)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    if io != "float":
-        conv.inference_input_type = tf.int8
-        conv.inference_output_type = tf.int8
-    with _quiet_converter():
-        return bytes(conv.convert()), qat
+    io_type = None if io == "float" else "int8"
+    job = ConvertJob("tflite-mixed (route qat)", optimizations=("DEFAULT",), inference_input_type=io_type,
+                     inference_output_type=io_type, custom_objects=f"{__name__}:quantize_scope_objects")
+    return convert_in_child(qat, job), qat
+
+
+def quantize_scope_objects() -> dict:
+    """The custom classes a saved QAT graph needs to load (the converter's child process)."""
+    return _tfmot_classes()[1]
 
 
 def _convert_denylist(cm, floats, names, calib_x, io):
-    import tensorflow as tf
+    from dataclasses import replace
 
-    from toolchain.export.tflite_backend import _quiet_converter, representative_dataset
+    from toolchain.export.convert_worker import ConvertJob, convert_in_child
 
     if io == "int8":
         raise ConversionError(
             "tflite-mixed with float layers (" + ", ".join(sorted(floats)) + ") has float I/O: "
             "QuantizationDebugger's quantizer keeps the model input and output in float; "
             "pass io='float' or leave io unset")
-    conv = tf.lite.TFLiteConverter.from_keras_model(cm.model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = representative_dataset(calib_x)
-    debug_x = np.asarray(calib_x[: min(8, len(calib_x))], dtype=np.float32)
-    with _quiet_converter():
-        dbg = tf.lite.experimental.QuantizationDebugger(
-            converter=conv, debug_dataset=representative_dataset(debug_x))
-    info = read_flatbuffer(bytes(dbg.calibrated_model))
+    job = ConvertJob("tflite-mixed (route ptq_denylist)", optimizations=("DEFAULT",), representative=True,
+                     debugger="calibrated", debug_samples=8)
+    info = read_flatbuffer(convert_in_child(cm.model, job, calib_x))
     from toolchain.export.flatbuffer import match_layers
 
     matched = match_layers(info, names)
@@ -426,9 +421,8 @@ def _convert_denylist(cm, floats, names, calib_x, io):
     if missing:
         raise ConversionError("cannot find the TFLite ops of layers " + ", ".join(sorted(missing)) +
                               " to keep them in float; rename the layers so their names are unique")
-    with _quiet_converter():
-        dbg.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=sorted(nodes))
-        return bytes(dbg.get_nondebug_quantized_model()), sorted(nodes)
+    job = replace(job, debugger="denylisted", denylisted_nodes=tuple(sorted(nodes)))
+    return convert_in_child(cm.model, job, calib_x), sorted(nodes)
 
 
 def _convert_int16x8(cm, calib_x, io):

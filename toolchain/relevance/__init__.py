@@ -38,6 +38,7 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
+from toolchain.childproc import clean_stale_jobs, die_with_parent
 from toolchain.errors import ConfigError, DataError, ToolchainError
 from toolchain.relevance.rules import DEFAULT_RULE, LAYER_FAMILIES, RULES, RuleSet
 
@@ -340,38 +341,7 @@ _WORKER_BOOT = ("import sys, runpy; sys.path.insert(0, sys.argv.pop(1)); "
 
 
 def _clean_stale_jobs() -> None:
-    import re
-
-    pattern = re.compile(re.escape(_JOB_PREFIX) + r"(\d+)-")
-    for p in Path(tempfile.gettempdir()).glob(_JOB_PREFIX + "*"):
-        m = pattern.match(p.name)
-        if m is None or int(m.group(1)) == os.getpid() or not p.is_dir() or p.is_symlink():
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except OSError:  # alive, someone else's
-            pass
-
-
-def _die_with_parent(parent_pid: int):
-    """``preexec_fn``: the kernel SIGKILLs the worker when the toolchain process dies (Linux).
-    Everything is looked up before the fork: the child of a threaded process must not import."""
-    try:
-        import ctypes
-        import signal
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        sigkill = int(signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the worker still ends with its job
-        return None
-
-    def preexec():
-        prctl(1, sigkill, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-    return preexec
+    clean_stale_jobs(_JOB_PREFIX)
 
 
 def _run_worker(job_dir: str, quiet: bool) -> Mapping[str, np.ndarray]:
@@ -382,7 +352,7 @@ def _run_worker(job_dir: str, quiet: bool) -> Mapping[str, np.ndarray]:
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-I", "-c", _WORKER_BOOT, pkg_root, job_dir],
                               stdout=log, stderr=None if not quiet else log, env=env, cwd=job_dir,
-                              preexec_fn=_die_with_parent(os.getpid()), timeout=WORKER_TIMEOUT_S)
+                              preexec_fn=die_with_parent(os.getpid()), timeout=WORKER_TIMEOUT_S)
     err = os.path.join(job_dir, "error.txt")
     if proc.returncode != 0 or not os.path.exists(os.path.join(job_dir, "result.npz")):
         detail = Path(err).read_text().strip().splitlines()[-1] if os.path.exists(err) else \
