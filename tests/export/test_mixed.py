@@ -9,7 +9,8 @@ from tests.export.helpers import calib, digits, small_cnn  # noqa: E402
 from toolchain.errors import ConfigError, ConversionError  # noqa: E402
 from toolchain.export.flatbuffer import dequantize_weights, read_flatbuffer  # noqa: E402
 from toolchain.export.tflite_backend import export_tflite, run_tflite  # noqa: E402
-from toolchain.export.tflite_mixed import aligned_grid, channel_matrix, convert_mixed  # noqa: E402
+from toolchain.export.tflite_mixed import convert_mixed  # noqa: E402
+from toolchain.quantize.kernels import channel_matrix, fake_quant_channels  # noqa: E402
 from toolchain.quantize.bitplan import BitPlan, LayerBits  # noqa: E402
 
 #: a 4-bit plan without fine-tuning must still keep most decisions of the float model
@@ -70,7 +71,7 @@ def test_stored_int4_weights_equal_the_planned_grid(four_bit):
         else:
             stored = stored.T                                   # (out, in) -> (in, out)
         m = channel_matrix(cls, kernel)
-        want, _, _ = aligned_grid(m, [4] * m.shape[1], 4, per_channel=cls != "Dense")
+        want = fake_quant_channels(m, [4] * m.shape[1], per_tensor=cls == "Dense")  # the simulated grid
         got = channel_matrix(cls, stored)
         tol = GRID_RTOL * np.abs(m).max()
         bad = np.argwhere(np.abs(got - want) > tol)
@@ -140,35 +141,3 @@ def test_mixed_conversion_is_deterministic_and_leaves_the_model_alone(four_bit):
     assert data == open(four_bit.path, "rb").read()
     for a, b in zip(before, small_cnn().get_weights()):
         assert np.array_equal(a, b)
-
-
-# ---- the grid alone (numpy) ---------------------------------------------------------------
-
-
-def test_aligned_grid_per_channel_codes_lie_on_the_stored_grid():
-    rng = np.random.default_rng(0)
-    m = rng.normal(size=(50, 6))
-    m[:, 5] = 0.0  # a pruned channel stays zero
-    bits = [2, 3, 4, 4, 3, 4]
-    q, lo, hi = aligned_grid(m, bits, 4, per_channel=True)
-    step = hi / 7
-    codes = q / step
-    assert np.allclose(codes, np.round(codes), atol=1e-9)
-    for c, b in enumerate(bits):
-        assert len(np.unique(np.round(codes[:, c]))) <= 2 ** b - 1
-        assert np.abs(codes[:, c]).max() <= 2 ** (b - 1) - 1
-    assert np.all(q[:, 5] == 0)
-    assert np.allclose(lo, -hi)
-
-
-def test_aligned_grid_per_tensor_shares_one_scale():
-    rng = np.random.default_rng(1)
-    m = rng.normal(size=(40, 4)) * np.array([1.0, 0.1, 2.0, 0.5])
-    bits = [8, 3, 6, 2]
-    q, lo, hi = aligned_grid(m, bits, 8, per_channel=False)
-    assert hi.shape == (1,)
-    codes = q / (hi[0] / 127)
-    assert np.allclose(codes, np.round(codes), atol=1e-6)
-    assert np.abs(codes).max() <= 127
-    for c, b in enumerate(bits):
-        assert len(np.unique(np.round(codes[:, c]))) <= 2 ** b - 1

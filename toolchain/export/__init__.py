@@ -181,8 +181,12 @@ def _onnx_backend():
     return onnx_backend
 
 
-def _build(fmt: str, model, calib_x, plan, path: Path, io, opset) -> Artifact:
+def _build(fmt: str, model, calib_x, plan, path: Path, io, opset, qat_model=None) -> Artifact:
     spec = FORMATS.get(fmt.replace("-", "."))
+    if fmt == "tflite-mixed":
+        from toolchain.export.tflite_mixed import export_tflite_mixed
+
+        return export_tflite_mixed(model, plan, path, calib_x, io=io, qat_model=qat_model)
     if spec.runtime == "tflite":
         from toolchain.export.tflite_backend import export_tflite
 
@@ -194,7 +198,7 @@ def _build(fmt: str, model, calib_x, plan, path: Path, io, opset) -> Artifact:
     if fmt == "onnx-int8":
         return onnx.export_onnx_int8(model, calib_x, path, opset=opset)
     if fmt == "onnx-mixed":
-        return onnx.export_onnx_mixed(model, calib_x, plan, path, opset=opset)
+        return onnx.export_onnx_mixed(model, calib_x, plan, path, opset=opset, qat_model=qat_model)
     raise ConfigError(f"format {fmt!r} has no builder")  # pragma: no cover - registry is closed
 
 
@@ -202,7 +206,7 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
            io: Optional[str] = None, calibration_samples: Optional[int] = DEFAULT_CALIBRATION_SAMPLES,
            thresholds=None, verify_samples: Optional[int] = None, name: Optional[str] = None,
            mcu_source: str = "tflite-int8", onnx_opset: int = DEFAULT_ONNX_OPSET,
-           quiet: bool = False) -> ExportBundle:
+           qat_model=None, quiet: bool = False) -> ExportBundle:
     """Convert ``model`` into every format in ``formats``, verify each artifact in its runtime on
     ``dataset``'s evaluation split, and write them (plus ``verify.json``, ``export.json`` and, for
     ``mcu``, ``mcu/``) to ``out_dir`` — all or nothing.
@@ -212,7 +216,11 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
     ``calibration_samples``: the first N train samples calibrate the integer formats (``None`` =
     all). ``thresholds``: ``{kind or format: Thresholds}`` overrides (see ``toolchain.verify``).
     ``mcu_source``: the integer TFLite format the MCU bundle is generated from (built even if not
-    requested). The user's model is never modified.
+    requested). ``qat_model``: the simulated (fake-quant) graph of ``bitplan`` that ``quantize``
+    returned or wrote (``QuantizeResult.model``, ``load_qat_model(DIR/model_qat.h5)``), fine-tuned
+    or not; the mixed formats convert it, so its rounded (and trained) weights are what they store.
+    Without it they build the same graph from ``bitplan`` on the calibration samples. The user's
+    model is never modified.
     """
     from toolchain.export.convert_worker import converter_session
     from toolchain.export.tflite_backend import check_io
@@ -227,6 +235,8 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
                           "(CLI: --bitplan bitplan.json from `toolchain quantize`)")
     if bitplan is not None:
         bitplan.check_against(model)
+    if qat_model is not None and bitplan is None:
+        raise ConfigError("qat_model= is the simulated graph of a bit plan; pass its bitplan= too")
     if MCU in requested and mcu_source not in MCU_SOURCES:
         raise ConfigError(f"mcu_source {mcu_source!r} cannot feed the MCU bundle; use one of {', '.join(MCU_SOURCES)}")
     if MCU in requested and mcu_source == "tflite-mixed" and bitplan is not None:
@@ -265,7 +275,7 @@ def export(model, dataset, formats: Union[str, Sequence[str]], out_dir, bitplan=
             if progress is not None:
                 progress.set_postfix_str(fmt)
             staged[fmt] = _build(fmt, model, calib_x, bitplan, stage / f"{base}_{variant}{spec.suffix}",
-                                 io, onnx_opset)
+                                 io, onnx_opset, qat_model)
             if progress is not None:
                 progress.update(1)
         if progress is not None:

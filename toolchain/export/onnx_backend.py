@@ -639,6 +639,7 @@ class LayerRequest:
     weight_storage: str  # int4 | int8 | int16 | float32
     activation_bits: int
     activation_tensor: str  # tensor the quantizer quantizes for this layer's output
+    grid: Optional[object] = None  # toolchain.quantize.simulate.KernelGrid: the simulated graph's levels
 
     @property
     def float_kernel(self) -> bool:
@@ -656,8 +657,9 @@ def _activation_tensor(pre, node_name: str) -> str:
     return y
 
 
-def plan_requests(model, pre, plan) -> List[LayerRequest]:
-    """Map every ``plan`` layer onto its ONNX kernel node and storage types (all problems at once)."""
+def plan_requests(model, pre, plan, grids: Optional[Mapping[str, object]] = None) -> List[LayerRequest]:
+    """Map every ``plan`` layer onto its ONNX kernel node and storage types (all problems at once);
+    ``grids`` (``kernel_grids`` of the simulated graph) fix each kernel's scales."""
     plan.check_against(model)
     kernels = map_kernel_layers(model, pre, list(plan.layers))
     dims = {t.name: list(t.dims) for t in pre.graph.initializer}
@@ -679,7 +681,7 @@ def plan_requests(model, pre, plan) -> List[LayerRequest]:
             continue
         storage = max(storages, key=lambda s: STORAGE_BITS.get(s, 32))  # the widest group's container
         out.append(LayerRequest(name, kn, tuple(bits), storage, lb.activation_bits,
-                                _activation_tensor(pre, kn.node)))
+                                _activation_tensor(pre, kn.node), (grids or {}).get(name)))
     if problems:
         raise ConversionError("the bit plan cannot be expressed in ONNX for: " + "; ".join(problems) +
                               "; give each such layer one storable width")
@@ -702,12 +704,17 @@ def build_overrides(pre, requests: Sequence[LayerRequest]) -> Tuple[dict, List[s
         w = numpy_helper.to_array(inits[r.kernel.weight]).astype(np.float64)
         w_rows = np.moveaxis(w, r.kernel.channel_axis, 0).reshape(w.shape[r.kernel.channel_axis], -1)
         # A width narrower than its container gets a fixed symmetric scale so only its levels are
-        # used; ORT takes explicit scales for all channels of a tensor or none.
-        explicit = any(b < full for b in r.channel_bits)
+        # used; ORT takes explicit scales for all channels of a tensor or none. With the simulated
+        # graph's grid every scale is its step: the stored integers are its codes, exactly.
+        explicit = r.grid is not None or any(b < full for b in r.channel_bits)
         per_channel = []
         for c, b in enumerate(r.channel_bits):
             entry = {"quant_type": qt[r.weight_storage], "axis": r.kernel.channel_axis}
-            if explicit:
+            if r.grid is not None:
+                step = float(r.grid.step[c])
+                entry["scale"] = np.float32(step if step > 0 else 1.0)
+                entry["zero_point"] = 0
+            elif explicit:
                 qmax = 2 ** (b - 1) - 1
                 amax = float(np.abs(w_rows[c]).max())
                 entry["scale"] = np.float32(amax / qmax if amax > 0 else 1.0)
@@ -774,29 +781,68 @@ def quantize_requests(pre, calib: np.ndarray, requests: Sequence[LayerRequest], 
     return q, layers
 
 
-def export_onnx_mixed(model, calib_x, plan, out_path, opset: int = 13) -> Artifact:
+def check_grid(qproto, requests: Sequence[LayerRequest]) -> None:
+    """Raise ``ConversionError`` naming every layer whose stored integer codes are not the simulated
+    graph's codes (its ``KernelGrid``): the file must compute what ``quantize`` simulated."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in qproto.graph.initializer}
+    producer = {o: n for n in qproto.graph.node for o in n.output}
+    nodes = {n.name: n for n in qproto.graph.node}
+    problems = []
+    for r in requests:
+        if r.grid is None or r.float_kernel:
+            continue
+        dq = producer.get(nodes[r.kernel.node].input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            problems.append(f"{r.layer}: no quantized weight initializer")
+            continue
+        q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64)
+        stored = np.moveaxis(q, r.kernel.channel_axis, 0).reshape(q.shape[r.kernel.channel_axis], -1)
+        codes = r.grid.codes()  # (weights per channel, channels); the layouts differ, so compare each
+        # channel's integers as a multiset (their levels and how often each occurs)
+        off = sum(int(np.sum(np.sort(row) != np.sort(col))) for row, col in zip(stored, codes.T)) \
+            if stored.shape == codes.T.shape else stored.size
+        if off:
+            problems.append(f"{r.layer}: {off} of {stored.size} stored integers differ from the simulated codes")
+    if problems:
+        raise ConversionError("the ONNX weights are not the simulated graph's: " + "; ".join(problems) +
+                              "; the artifact was not written")
+
+
+def export_onnx_mixed(model, calib_x, plan, out_path, opset: int = 13, qat_model=None) -> Artifact:
     """Mixed-precision QDQ export from a ``BitPlan``; every layer's storage is read back and checked.
 
-    Layers not in the plan get the int8 defaults. Raises ``ConversionError`` naming every layer
-    whose requested precision the file does not hold (nothing is written then).
+    The float graph is the simulated graph's (``qat_model``, else built from ``plan``; see
+    ``toolchain.quantize.simulate.simulated_graph``) with its rounded kernels, and each kernel's
+    per-channel scales are its simulated steps, so the stored integers are the simulated codes
+    (checked, ``check_grid``); activation ranges are calibrated by ORT on ``calib_x``. Layers not
+    in the plan get 8 bits. Raises ``ConversionError`` naming every layer whose requested
+    precision the file does not hold (nothing is written then).
     """
-    fp32 = keras_to_onnx(model, opset)
+    from toolchain.quantize.simulate import complete_plan, kernel_grids, simulated_graph, strip_quantization
+
     calib = _check_calibration(calib_x, model.input_shape)
+    qat = simulated_graph(model, plan, calib, qat_model)
+    grids = kernel_grids(qat)
+    rounded = strip_quantization(qat, model)
+    fp32 = keras_to_onnx(rounded, opset)
     with tempfile.TemporaryDirectory(prefix="onnx-mixed-") as tmp:
         pre = _preprocess(fp32, Path(tmp))
-        requests = plan_requests(model, pre, plan)
-        others = {k: v for k, v in map_kernel_layers(model, pre).items() if k not in plan.layers}
+        requests = plan_requests(rounded, pre, complete_plan(rounded, plan), grids)
         q, layers = quantize_requests(pre, calib, requests, Path(tmp))
     check_read_back(layers, requests)
-    if others:
-        layers.update({k: {**v, "weight_bits": None, "activation_bits": 8}
-                       for k, v in _read_back(q, others).items()})
+    check_grid(q, requests)
+    for name in layers:
+        if name not in plan.layers:
+            layers[name].update({"weight_bits": None, "activation_bits": 8})
     data = _serialize(q)
     _check_ort_loads(data, out_path)
     path = write_bytes_atomic(out_path, data)
     meta = _quant_metadata("onnx-mixed", q, calib, dict(sorted(layers.items())))
     meta["weight_type"] = "mixed"
     meta["bitplan"] = {"allocator": plan.allocator, "budget": plan.budget, "granularity": plan.granularity}
+    meta["simulated_graph"] = "given (quantize stage)" if qat_model is not None else "built from the plan"
     return make_artifact("onnx-mixed", path, meta)
 
 

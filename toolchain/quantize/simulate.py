@@ -37,6 +37,7 @@ Choices, and why:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -470,6 +471,148 @@ def build_qat_model(model: tf.keras.Model, plan: BitPlan, x_calibration: np.ndar
     qmodel = apply_bitplan(folded, plan)
     calibrate(qmodel, folded, x_calibration)
     return qmodel
+
+
+def complete_plan(model, plan: BitPlan) -> BitPlan:
+    """``plan`` with every kernel layer it leaves out at 8 bits (weights and activations), the
+    widths export gives an unplanned layer; ``quantize`` itself insists on a complete plan."""
+    from dataclasses import replace
+
+    missing = {l.name: LayerBits(8) for l in model.layers
+               if type(l).__name__ in KERNEL_ATTRS and l.name not in plan.layers}
+    return replace(plan, layers={**plan.layers, **missing}) if missing else plan
+
+
+def quantized_layers(qmodel: tf.keras.Model):
+    """``(user's layer name, inner Keras layer, wrapper)`` of every quantize wrapper in ``qmodel``."""
+    for layer in qmodel.layers:
+        inner = getattr(layer, "layer", None)
+        if inner is not None and hasattr(layer, "_weight_vars"):
+            yield inner.name, inner, layer
+
+
+@dataclass(frozen=True)
+class KernelGrid:
+    """The rounded kernel of one simulated layer and its grid: what every artifact must store.
+
+    ``kernel`` is in the Keras layout; ``step`` and ``levels`` are per output channel in
+    ``channel_matrix`` order (step NaN: a channel kept in float)."""
+
+    layer: str
+    layer_class: str
+    kernel: np.ndarray
+    step: np.ndarray
+    levels: np.ndarray
+    per_tensor: bool
+
+    def codes(self) -> np.ndarray:
+        """Integer codes (rows, channels) of the rounded kernel; float channels give 0."""
+        from toolchain.quantize.kernels import channel_matrix
+
+        m = channel_matrix(self.layer_class, self.kernel).astype(np.float64)
+        safe = np.where(np.isfinite(self.step) & (self.step > 0), self.step, 1.0)
+        return np.where(np.isfinite(self.step), np.round(m / safe), 0.0).astype(np.int64)
+
+
+#: rounded / step must be an integer to this many steps (float32 kernels, float64 steps)
+GRID_CODE_ATOL = 1e-3
+
+
+def kernel_grids(qmodel: tf.keras.Model) -> Dict[str, KernelGrid]:
+    """Every quantised kernel of a simulated model, rounded as the model computes it in inference
+    (the stored ranges, i.e. after QAT the trained ones), with its per-channel grid. Raises
+    ``ConversionError`` if a kernel does not lie on its grid (a quantizer this stage does not know)."""
+    from toolchain.errors import ConversionError
+    from toolchain.quantize.kernels import channel_matrix
+
+    out: Dict[str, KernelGrid] = {}
+    for name, inner, wrapper in quantized_layers(qmodel):
+        cls = type(inner).__name__
+        if cls not in KERNEL_ATTRS:
+            continue
+        for weight, quantizer, qvars in wrapper._weight_vars:
+            rounded = quantizer(weight, False, qvars).numpy()
+            channels = channel_matrix(cls, rounded).shape[1]
+            hi = np.asarray(qvars["max_var"].numpy(), dtype=np.float64)
+            if isinstance(quantizer, ChannelBitsQuantizer):
+                with np.errstate(invalid="ignore"):  # float channels: NaN step, masked below
+                    step = quantizer._ratio / quantizer._outer_levels * np.broadcast_to(hi, (channels,))
+                    step = np.where(quantizer._float, np.nan, step)
+                top = np.where(quantizer._float, np.nan, quantizer._levels)
+                per_tensor = quantizer.per_tensor
+            elif isinstance(quantizer, Q.quantizers.LastValueQuantizer):
+                lo = np.asarray(qvars["min_var"].numpy(), dtype=np.float64)
+                bits = int(quantizer.num_bits)
+                step = np.broadcast_to((hi - lo) / (2.0 ** bits - 2), (channels,)).astype(np.float64)
+                top = np.full(channels, _levels(bits))
+                per_tensor = not quantizer.per_axis
+            else:
+                raise ConversionError(f"layer {name} has weight quantizer {type(quantizer).__name__}, which the "
+                                      "export stage cannot read a grid from; build it with apply_bitplan")
+            grid = KernelGrid(name, cls, rounded, step, top, per_tensor)
+            m = channel_matrix(cls, rounded).astype(np.float64)
+            codes = grid.codes()
+            off = np.abs(m - codes * np.where(np.isfinite(step), step, 0.0)[None, :])
+            off = np.where(np.isfinite(step)[None, :], off / np.where(step > 0, step, 1.0)[None, :], 0.0)
+            over = np.abs(codes) > np.where(np.isfinite(top), top, np.inf)[None, :]
+            if off.max(initial=0.0) > GRID_CODE_ATOL or over.any():
+                raise ConversionError(f"the simulated kernel of {name} is off its grid by {off.max():.3g} steps; "
+                                      "rebuild the simulated model with this toolchain version")
+            out[name] = grid
+    return out
+
+
+def strip_quantization(qmodel: tf.keras.Model, model: tf.keras.Model) -> tf.keras.Model:
+    """The float Keras model a simulated model computes with its activations left in float: the
+    BN-folded ``model`` (user's layer names) holding ``qmodel``'s weights (after QAT, the trained
+    ones), every planned kernel replaced by its rounded value. ``model`` is not modified; the
+    inverse of ``apply_bitplan`` as ``strip_pruning`` is of ``prune_low_magnitude``."""
+    from toolchain.errors import ConfigError as _ConfigError
+
+    folded = fold_batchnorm(model)
+    grids = kernel_grids(qmodel)
+    wrappers = {name: wrapper for name, _, wrapper in quantized_layers(qmodel)}
+    for layer in folded.layers:
+        if not layer.weights:
+            continue
+        wrapper = wrappers.get(layer.name)
+        if wrapper is None:
+            raise ConfigError(f"the simulated model has no layer {layer.name!r} of the model it is applied to; "
+                              "pass the model the simulated model was built from")
+        # the wrapper holds the inner layer's variables as "<layer>/<kernel|bias|...>"
+        trained = {_short(v.name): v for v in wrapper.weights if v.name.startswith(layer.name + "/")}
+        kernel_attr = KERNEL_ATTRS.get(type(layer).__name__)
+        values = []
+        for target in layer.weights:
+            short = _short(target.name)
+            if short not in trained:
+                raise ConfigError(f"the simulated layer {layer.name} lacks weight {short!r}; pass the model "
+                                  "the simulated model was built from")
+            if layer.name in grids and short == kernel_attr:
+                values.append(grids[layer.name].kernel)
+            else:
+                values.append(trained[short].numpy())
+        layer.set_weights(values)
+    return folded
+
+
+def _short(variable_name: str) -> str:
+    return variable_name.split("/")[-1].split(":")[0]
+
+
+def simulated_graph(model: tf.keras.Model, plan: BitPlan, calib_x: np.ndarray, qat_model=None) -> tf.keras.Model:
+    """What the export backends convert: ``qat_model`` (the graph ``quantize`` simulated and possibly
+    fine-tuned; ``save_qat_model`` / ``load_qat_model``), checked to be of ``model``, or without it
+    ``build_qat_model`` on ``calib_x``. Unplanned kernel layers get 8 bits (``complete_plan``)."""
+    if qat_model is None:
+        return build_qat_model(model, complete_plan(model, plan), calib_x)
+    kernels = {l.name for l in model.layers if type(l).__name__ in KERNEL_ATTRS}
+    simulated = {name for name, inner, _ in quantized_layers(qat_model) if type(inner).__name__ in KERNEL_ATTRS}
+    if kernels != simulated:
+        raise ConfigError(f"the simulated model's kernel layers ({', '.join(sorted(simulated)) or 'none'}) are not "
+                          f"the model's ({', '.join(sorted(kernels))}); pass the model_qat.h5 that `toolchain "
+                          "quantize` wrote for this model")
+    return qat_model
 
 
 # ------------------------------------------------------------------------------------------
