@@ -6,7 +6,9 @@ toolchain and needs only numpy plus one runtime:
 
 - ``.tflite``: ``ai_edge_litert`` (``pip install ai-edge-litert``), else ``tflite_runtime``, else
   TensorFlow's ``tf.lite`` as a development fallback (reported as ``"fallback": true``);
-- ``.onnx``: ``onnxruntime``.
+- ``.onnx``: ``onnxruntime``;
+- ``.tflite`` with ``--runtime tflite_micro``: tflite-micro's interpreter (``pip install
+  tflite-micro``; its reference kernels, one sample per invoke), what the MCU check runs.
 
     python3 runner.py --artifact model.tflite --inputs inputs.npz --runs 200 --threads 1 \
         --xnnpack off
@@ -57,8 +59,11 @@ EXIT_MISSING_RUNTIME = 3
 PIP_NUMPY = "numpy<2"
 PIP_TFLITE = "ai-edge-litert==1.4.0"
 PIP_ONNX = "onnxruntime==1.31.1"
+PIP_MICRO = "tflite-micro"
 TFLITE_RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
 ONNX_RUNTIMES = ("onnxruntime",)
+#: tflite-micro's interpreter on this host (its reference kernels); only when asked for by name
+MICRO_RUNTIMES = ("tflite_micro",)
 DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 10
 RANDOM_SAMPLES = 16
@@ -99,7 +104,7 @@ def import_tflite(preferred: str | None = None):
     """Return ``(Interpreter, OpResolverType, runtime_info)`` of the first TFLite runtime found."""
     if preferred and preferred not in TFLITE_RUNTIMES:
         raise RunnerError("usage", f"--runtime {preferred!r} cannot run .tflite; use one of "
-                                   f"{', '.join(TFLITE_RUNTIMES)}")
+                                   f"{', '.join(TFLITE_RUNTIMES + MICRO_RUNTIMES)}")
     tried = []
     for name in (preferred,) if preferred else TFLITE_RUNTIMES:
         try:
@@ -249,6 +254,62 @@ class TFLiteBackend:
         return self.interpreter.get_tensor(self._out["index"])
 
 
+def import_tflite_micro():
+    try:
+        from tflite_micro.python.tflite_micro import runtime as mod
+    except ImportError as e:
+        raise RunnerError(
+            "missing_runtime",
+            f"tflite-micro is not installed on this machine ({e}); install it with "
+            f"`python3 -m pip install '{PIP_NUMPY}' {PIP_MICRO}`",
+            install=f"python3 -m pip install '{PIP_NUMPY}' {PIP_MICRO}") from None
+    return mod, {"name": "tflite_micro", "version": _dist_version("tflite-micro", mod),
+                 "fallback": False}
+
+
+class MicroBackend:
+    """tflite-micro's C++ interpreter with its reference kernels (the code a microcontroller build
+    compiles) on this host, one sample per invoke; ``path`` is a file or the ``.tflite`` bytes."""
+
+    format = "tflite"
+
+    def __init__(self, path, threads: int = 1, xnnpack=None, runtime: str | None = None,
+                 arena_size: int | None = None, name: str | None = None):
+        t0 = time.perf_counter()
+        mod, self.runtime = import_tflite_micro()
+        self.import_ms = (time.perf_counter() - t0) * 1e3
+        given = isinstance(path, (bytes, bytearray))
+        shown = name or ("the given .tflite bytes" if given else repr(path))
+        t0 = time.perf_counter()
+        try:
+            data = bytes(path) if given else open(path, "rb").read()
+            kwargs = {} if arena_size is None else {"arena_size": int(arena_size)}
+            self.interpreter = mod.Interpreter.from_bytes(data, **kwargs)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise RunnerError("artifact", f"tflite-micro cannot load {shown} ({e}); the graph uses "
+                                          "something tflite-micro lacks") from None
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+
+        def spec(name, d):
+            q = d["quantization_parameters"]
+            grid = (q["scales"][0], q["zero_points"][0]) if len(q["scales"]) == 1 else None
+            return _io_spec(name, d["dtype"], [int(v) for v in d["shape"]], grid)
+
+        self.input = spec("input", self.interpreter.get_input_details(0))
+        self.output = spec("output", self.interpreter.get_output_details(0))
+        self._shape = tuple(self.input["shape"])
+        self.fixed_batch = 1
+        self.xnnpack = None
+        self.xnnpack_applied = None
+        self.reference_kernels = True
+        self.threads = 1
+
+    def predict(self, x):
+        self.interpreter.set_input(np.asarray(x).reshape(self._shape), 0)
+        self.interpreter.invoke()
+        return np.array(self.interpreter.get_output(0))
+
+
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
               "tensor(float16)": "float16", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
               "tensor(int32)": "int32", "tensor(int64)": "int64"}
@@ -347,6 +408,10 @@ def open_backend(path: str, threads: int = 1, xnnpack: bool = True, runtime: str
         kinds = ", ".join("a directory" if k == "/" else k for k in sorted(backends))
         given = {"/": "a directory", "": "a file without suffix"}.get(ext, f"a {ext} file")
         raise RunnerError("artifact", f"{path!r} is {given}; this runner measures {kinds}")
+    if runtime in MICRO_RUNTIMES:
+        if ext != ".tflite":
+            raise RunnerError("usage", f"--runtime {runtime} runs .tflite files; {path!r} is not one")
+        return MicroBackend(path, threads)
     if reference_kernels:
         if backends[ext] is not TFLiteBackend:
             raise RunnerError("usage", f"reference kernels are TFLite's; {path!r} is not a .tflite "
@@ -638,8 +703,8 @@ def build_parser(prog: str = "runner.py") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, default=1, help="runtime threads")
     p.add_argument("--xnnpack", choices=("on", "off"), default="on",
                    help="TFLite: apply the default XNNPACK delegate (on) or builtin kernels only")
-    p.add_argument("--runtime", help="force one runtime: " + ", ".join(TFLITE_RUNTIMES
-                                                                        + ONNX_RUNTIMES))
+    p.add_argument("--runtime", help="force one runtime: " + ", ".join(
+        TFLITE_RUNTIMES + MICRO_RUNTIMES + ONNX_RUNTIMES))
     p.add_argument("--samples", type=_positive, default=RANDOM_SAMPLES,
                    help="random samples when no --inputs are given")
     p.add_argument("--include-outputs", action="store_true",

@@ -196,3 +196,24 @@ def test_toolchain_run_raises_toolchain_errors(artifacts, tmp_path):
     got = run_artifact(artifacts.onnx, artifacts.x_eval, batch_size=7)
     assert np.allclose(got, artifacts.keras_out, atol=FLOAT_ATOL), \
         describe_mismatch(got, artifacts.keras_out, FLOAT_ATOL)
+
+
+def test_tflite_micro_runtime_equals_tflite_reference_kernels(artifacts):
+    """``--runtime tflite_micro`` (the MCU check's interpreter) runs the int8 file one sample at a
+    time; its integer arithmetic is the reference kernels', so the outputs are TFLite's
+    BUILTIN_REF outputs exactly."""
+    pytest.importorskip("tflite_micro")
+    from deploy.runner import TFLiteBackend, infer
+
+    rc, doc, err = run_runner("--artifact", artifacts.tflite_int8, "--inputs",
+                              artifacts.inputs_float, "--runs", 3, "--include-outputs",
+                              "--runtime", "tflite_micro")
+    assert rc == 0, err
+    assert doc["runtime"]["name"] == "tflite_micro" and doc["xnnpack"] is None
+    assert doc["input"]["dtype"] == "int8" and doc["input"]["quantization"][0] > 0
+    micro = np.array(doc["outputs"], np.float32)
+    reference = infer(TFLiteBackend(str(artifacts.tflite_int8), 1, reference_kernels=True),
+                      artifacts.x_eval)
+    assert np.array_equal(micro, reference), describe_mismatch(micro, reference, 0)
+    rc, doc, _ = run_runner("--artifact", artifacts.onnx, "--runtime", "tflite_micro")
+    assert rc == 2 and doc["error"] == "usage" and "runs .tflite files" in doc["message"]
