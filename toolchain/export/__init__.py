@@ -39,7 +39,8 @@ DEFAULT_CALIBRATION_SAMPLES = 500
 DEFAULT_ONNX_OPSET = 13
 MCU = "mcu"
 #: integer TFLite formats the MCU bundle can be made from (tflite-sparse needs DENSIFY, which
-#: tflite-micro lacks; tflite-mixed must have no float layers, checked when the bundle is made)
+#: tflite-micro lacks; tflite-mixed must have no float layers, checked before converting and when
+#: the bundle is made; its packed INT4 kernels reach the bundle and the firmware as they are)
 MCU_SOURCES = ("tflite-int8", "tflite-mixed")
 
 
@@ -70,7 +71,7 @@ for _spec in (
     FormatSpec("onnx-mixed", "onnx", ".onnx", "ONNX QDQ with BitPlan overrides (int4/int8/uint16)",
                needs_bitplan=True, calibrated=True),
     FormatSpec(MCU, "mcu", "", "tflite-micro bundle (model_data.cc/.h, op_resolver.h, manifest.json) "
-                               "from tflite-int8"),
+                               "from tflite-int8, or tflite-mixed with its INT4 kernels kept packed"),
 ):
     FORMATS.register(_spec.name.replace("-", "."), _spec)
 

@@ -157,7 +157,11 @@ def library(cpu: str = "m4", kernels: str = "cmsis-nn", jobs: int = 0) -> Path:
 
 
 def _run(cmd, cwd, what: str, timeout: float = LINK_TIMEOUT_S) -> str:
-    done = subprocess.run([str(c) for c in cmd], cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+    try:
+        done = subprocess.run([str(c) for c in cmd], cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ToolchainError(f"{what} did not finish within {timeout:.0f} s ({cmd[0]} in {cwd}); the machine is "
+                             "overloaded or the compiler hangs: retry when it is idle") from None
     if done.returncode != 0:
         raise ToolchainError(f"{what} failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-1200:]}")
     return done.stdout
