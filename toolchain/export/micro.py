@@ -211,20 +211,16 @@ def micro_outputs(data: bytes, x_q: np.ndarray, name: str = "the model") -> np.n
 
 
 def _micro_outputs_here(data: bytes, x_q: np.ndarray, out_path: str) -> dict:
-    """In :func:`micro_outputs`' child process."""
-    runtime = _runtime()
+    """In :func:`micro_outputs`' child process (the runner's :class:`~deploy.runner.MicroBackend`)."""
+    from deploy.runner import MicroBackend, RunnerError
+
+    _runtime()  # a missing package is a ConfigError naming the requirement
     try:
-        interp = runtime.Interpreter.from_bytes(data)
-    except RuntimeError as e:
-        raise ConversionError(f"tflite-micro cannot load the model ({e}); the graph uses something "
-                              "tflite-micro lacks") from e
-    ind = interp.get_input_details(0)
-    shape, dtype = tuple(int(d) for d in ind["shape"]), np.dtype(ind["dtype"])
-    outs = []
-    for sample in x_q:
-        interp.set_input(np.asarray(sample, dtype=dtype).reshape(shape), 0)
-        interp.invoke()
-        outs.append(np.array(interp.get_output(0)).reshape(-1))
+        backend = MicroBackend(data, name="the model")
+    except RunnerError as e:
+        raise ConversionError(str(e)) from None
+    outs = [np.asarray(backend.predict(np.asarray(sample, dtype=backend.input["dtype"]))).reshape(-1)
+            for sample in x_q]
     np.save(out_path, np.stack(outs))
     return {"samples": len(outs)}
 

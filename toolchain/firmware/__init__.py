@@ -151,18 +151,11 @@ def reference_outputs(tflite_path, inputs: np.ndarray, runtime: Optional[str] = 
         from toolchain.export.micro import micro_outputs
 
         return micro_outputs(Path(tflite_path).read_bytes(), np.asarray(inputs), name=Path(tflite_path).name)
-    import tensorflow as tf
+    from toolchain.run import open_artifact
 
-    interpreter = tf.lite.Interpreter(model_path=str(tflite_path),
-                                      experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_REF)
-    interpreter.allocate_tensors()
-    inp, outp = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    ys = []
-    for x in inputs:
-        interpreter.set_tensor(inp["index"], np.asarray(x, dtype=inp["dtype"]).reshape(inp["shape"]))
-        interpreter.invoke()
-        ys.append(interpreter.get_tensor(outp["index"]).reshape(outp["shape"][1:]).copy())
-    return np.stack(ys)
+    backend = open_artifact(tflite_path, reference_kernels=True)
+    x = np.asarray(inputs, dtype=backend.input["dtype"]).reshape([len(inputs)] + backend.input["shape"][1:])
+    return np.stack([backend.predict(x[i:i + 1])[0] for i in range(len(x))])
 
 
 @dataclass(frozen=True)
