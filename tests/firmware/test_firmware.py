@@ -113,6 +113,58 @@ def test_bench_on_qemu_cortex_m4(tflm_m4_cmsis, tmp_path):
     assert m.accuracy is not None
 
 
+def _tflite_builtin_outputs(tflite_path, x_q):
+    """TFLite's own kernels without XNNPACK (TF 2.14's BUILTIN_REF cannot load INT4 models)."""
+    import tensorflow as tf
+
+    interp = tf.lite.Interpreter(model_path=str(tflite_path), experimental_op_resolver_type=(
+        tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+    interp.allocate_tensors()
+    d_in, d_out = interp.get_input_details()[0], interp.get_output_details()[0]
+    out = []
+    for x in x_q:
+        interp.set_tensor(d_in["index"], x[None])
+        interp.invoke()
+        out.append(interp.get_tensor(d_out["index"]).reshape(-1).copy())
+    return np.stack(out)
+
+
+def _check_int4_run(run, tflite_path):
+    """The firmware's outputs equal tflite-micro's (the reference for INT4 models) and TFLite's
+    kernels without XNNPACK, bit for bit, on every sample."""
+    from toolchain.firmware import compare_with_reference, reference_outputs, reference_runtime
+
+    assert reference_runtime(tflite_path) == "tflite-micro"
+    micro = reference_outputs(tflite_path, run.build.inputs)
+    agreement = compare_with_reference(run, micro)
+    got = run.outputs.reshape(len(micro), -1)
+    for name, ref in (("tflite-micro", micro), ("TFLite (no XNNPACK)", _tflite_builtin_outputs(tflite_path, run.build.inputs))):
+        off = np.argwhere(got != ref.reshape(len(ref), -1))
+        assert off.size == 0, f"{len(off)} output elements differ from {name} (first at {off[:5].tolist()})"
+    assert agreement.identical == agreement.samples == len(run.build.inputs)
+    return agreement
+
+
+@needs_firmware_tools
+def test_int4_cnn_on_qemu_m4_equals_tflite_micro(tflm_m4_cmsis, tiny_int4_cnn, tmp_path):
+    """Packed INT4 kernels (a trained CNN under a mixed 4/8-bit plan) in firmware: CMSIS-NN's s4
+    kernels, bit-identical outputs, the arena within the estimate, the kernels stay packed."""
+    from toolchain.firmware import build_firmware, run_firmware
+
+    artifact, x = tiny_int4_cnn
+    build = build_firmware(artifact.path, x, cpu="m4", kernels="cmsis-nn", out=tmp_path)
+    regs = build.project.registrations
+    assert "AddDepthwiseConv2D(tflite::Register_DEPTHWISE_CONV_2D_INT4())" in regs   # dw: INT4 only
+    assert "AddConv2D()" in regs and "AddFullyConnected()" in regs                    # INT4 and INT8 mixed
+    run = run_firmware(build)
+    _check_int4_run(run, artifact.path)
+    assert run.arena_used <= build.project.arena_estimate_bytes
+    weights = build.project.weights
+    assert weights["int4_layers"] and weights["total"]["saved_bytes"] > 0
+    assert build.sizes.model_bytes == artifact.size_bytes
+    assert run.summary()["model_weights"]["int4_layers"] == len(weights["int4_layers"]) == 3
+
+
 @pytest.mark.slow
 @needs_firmware_tools
 @pytest.mark.parametrize("cpu,kernels", [("m7", "cmsis-nn"), ("m4", "reference"), ("m7", "reference")])
@@ -123,3 +175,33 @@ def test_dscnn_other_cores_and_kernels(cpu, kernels, tmp_path):
     x = load_dataset("kws01").x_eval_int8[:KWS_SAMPLES]
     run = run_firmware(build_firmware(DSCNN, x, cpu=cpu, kernels=kernels, out=tmp_path))
     assert _check_against_reference(run, DSCNN).identical == KWS_SAMPLES
+
+
+@pytest.mark.slow
+@needs_firmware_tools
+def test_dscnn_int4_relevance_plan_on_qemu_m4(tflm_m4_cmsis, tmp_path):
+    """DS-CNN under a relevance plan over 4/8-bit weights (the microcontroller default's allocator),
+    exported as tflite-mixed with packed INT4 kernels, as firmware on the M4 with CMSIS-NN: outputs
+    bit-identical to tflite-micro and TFLite (no XNNPACK) on kws01 samples. Minutes: relevance, QAT
+    conversion and the firmware run."""
+    from toolchain.data import load_dataset
+    from toolchain.export.tflite_backend import export_tflite
+    from toolchain.firmware import build_firmware, run_firmware
+    from toolchain.model_io import load_model
+    from toolchain.quantize import plan_bits
+
+    saved = DSCNN.parent / "kws_ref_model"
+    if not saved.exists():
+        pytest.skip(f"the MLPerf Tiny DS-CNN SavedModel is not at {saved}")
+    kws = load_dataset("kws01")
+    model = load_model(saved)
+    plan = plan_bits(model, kws, allocator="relevance", candidates=(4, 8), budget="avg-bits=5", quiet=True)
+    art = export_tflite(model, "mixed", tmp_path / "ds_cnn_mixed.tflite", kws.calibration(500)[0], plan=plan)
+    int4 = sorted(n for n, e in art.metadata["layers"].items() if e["weight_type"] == "INT4")
+    assert int4, art.metadata["layers"]
+    build = build_firmware(art.path, kws.x_eval[:KWS_SAMPLES], cpu="m4", kernels="cmsis-nn", out=tmp_path / "fw")
+    run = run_firmware(build)
+    _check_int4_run(run, art.path)
+    assert len(build.project.weights["int4_layers"]) == len(int4)
+    assert build.sizes.model_bytes < DSCNN.stat().st_size
+    assert run.arena_used <= build.project.arena_estimate_bytes
