@@ -107,10 +107,12 @@ def part_one(model: Path, work: Path, trials: int, constraints) -> dict:
 
 def part_cluster(model: Path, work: Path, trials: int, constraints) -> dict:
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    # Ray 2.60 clusters authenticate with a token (~/.ray/auth_token): the head and this driver both use it
+    os.environ["RAY_AUTH_MODE"] = "token"
     temp = Path("/tmp") / f"raybench{os.getpid()}"
     port = 6900 + os.getpid() % 500
     head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus=2", f"--port={port}", f"--temp-dir={temp}",
-                             "--include-dashboard=false", "--disable-usage-stats"],
+                             "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + RAY_START_TIMEOUT_S
@@ -124,22 +126,33 @@ def part_cluster(model: Path, work: Path, trials: int, constraints) -> dict:
         time.sleep(3)
         got = _tune(model, work, "cluster", trials, constraints, address=f"127.0.0.1:{port}")
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        _stop_head(head)
         shutil.rmtree(temp, ignore_errors=True)
     got.pop("result")
     got.pop("tune")
     return got
 
 
+def _stop_head(head: subprocess.Popen, grace_s: float = 60) -> None:
+    """End the Ray head this run started: its process group (``ray start --block`` and the cluster
+    processes it spawned), politely first."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # whatever of the group outlived the grace period
+    except ProcessLookupError:
+        pass
+
+
 def markdown(results: dict) -> str:
     from toolchain.tune.front import table
 
+    commands = sorted({p.get("command", results["command"]) for p in results["parts"].values()})
     md = ["# toolchain tune on the digits CNN", "",
-          f"Command: `{results['command']}`; {results['machine']}. The machine was shared with other "
+          f"Commands: {', '.join('`' + c + '`' for c in commands)}; {results['machine']}. The machine was shared with other "
           "engineers' jobs (load average often above 10 on 2 cores) and the benchmark ran at `nice -n 19`: "
           "times are upper bounds. Trials' recipe: relevance.samples 200, prune.fine_tune_epochs 2 (no "
           "distillation), TFLite formats only, bench.runs 50; every part starts from an empty stage cache.", ""]
@@ -203,7 +216,10 @@ def main(argv=None) -> int:
            "cluster": lambda: part_cluster(model, work, args.throughput_trials, constraints)}
     for part in parts:
         print(f"== {part}", flush=True)
-        results["parts"][part] = run[part]()
+        got = run[part]()
+        # parts may run as separate processes: merge into what is on disk now
+        results["parts"] = (json.loads(path.read_text()) if path.is_file() else {"parts": {}})["parts"]
+        results["parts"][part] = {**got, "command": results["command"]}
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2, default=str))
         (RESULTS / "tune.md").write_text(markdown(results))
@@ -213,3 +229,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -179,17 +179,19 @@ def test_tune_finds_a_recipe_meeting_flash_and_compress_reproduces_it(digits_mod
 
 
 @pytest.mark.slow
-def test_tune_on_a_local_ray_cluster_of_two_worker_processes(digits_model, tmp_path, capsys):
+def test_tune_on_a_local_ray_cluster_of_two_worker_processes(digits_model, tmp_path, capsys, monkeypatch):
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
     if ray is None:
         pytest.skip("the ray CLI is not installed beside this Python (pip install -r requirements.txt)")
+    # Ray 2.60 clusters authenticate with a token (~/.ray/auth_token): the head and this driver both use it
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     temp = Path("/tmp") / f"raytest{os.getpid()}"  # Ray's socket paths must stay short
     port = 6390 + os.getpid() % 500
     # --block keeps `ray start` in the foreground as the parent of the cluster's processes, in a
     # session of its own: the test ends exactly those processes (never `ray stop`, which stops
     # every Ray on the machine)
     head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
-                             f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+                             f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_for_port(port, head)
@@ -203,11 +205,7 @@ def test_tune_on_a_local_ray_cluster_of_two_worker_processes(digits_model, tmp_p
         trials = json.loads((out / "trials.json").read_text())
         assert len(trials) == 2 and all(t["numbers"]["flash_bytes"] > 0 for t in trials)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        _stop_head(head)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -222,3 +220,17 @@ def _wait_for_port(port: int, head: subprocess.Popen, timeout_s: float = RAY_STA
                 return
         time.sleep(1)
     pytest.fail(f"the Ray head did not listen on port {port} within {timeout_s} s")
+
+
+def _stop_head(head: subprocess.Popen, grace_s: float = 60) -> None:
+    """End the Ray head this run started: its process group (``ray start --block`` and the cluster
+    processes it spawned), politely first."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # whatever of the group outlived the grace period
+    except ProcessLookupError:
+        pass

@@ -3,7 +3,7 @@ import json
 
 
 def add_parser(sub):
-    from toolchain.cli import add_common, add_model_data, positive_int
+    from toolchain.cli import add_common, add_model_data, finite_seconds, positive_int
 
     p = sub.add_parser("tune", help="search recipes for the best one on a device under constraints (Ray Tune)",
                        description="Search compress recipes with Ray Tune and Optuna's TPE for the Pareto front of "
@@ -25,6 +25,9 @@ def add_parser(sub):
                                      "inside this command on this machine's cores)")
     p.add_argument("--workers", type=positive_int, help="trials at a time (default: the cluster's CPUs)")
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument("--time-budget", type=finite_seconds, metavar="SECONDS",
+                   help="end the search after this long (like Ctrl+C: the finished trials are reported, "
+                        "--resume continues)")
     p.add_argument("--out", help="output directory (default build/tune-<model name>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
     add_common(p)
@@ -38,7 +41,8 @@ def run(args) -> int:
     result = tune(args.model, args.data, target=args.target, constraints=args.constraint, trials=args.trials,
                   recipe=args.recipe, out=args.out, address=args.address, workers=args.workers, resume=args.resume,
                   objective=args.objective, trust_model=args.trust_model, data_dir=args.data_dir,
-                  task=None if task == "auto" else task, seed=args.seed, quiet=args.quiet or args.json)
+                  task=None if task == "auto" else task, seed=args.seed, quiet=args.quiet or args.json,
+                  time_budget_s=args.time_budget)
     if args.json:
         print(json.dumps({"out": str(result.out_dir), "best": result.best and result.best["trial_id"],
                           "best_recipe": str(result.best_recipe) if result.best_recipe else None,

@@ -71,14 +71,15 @@ def tune(model: str, data: str, target: str = "local", constraints: Sequence[str
          recipe: Optional[str] = None, out: Optional[str] = None, address: Optional[str] = None,
          workers: Optional[int] = None, resume: bool = False, objective: str = "metric",
          trust_model: bool = False, data_dir: Optional[str] = None, task: Optional[str] = None,
-         seed: int = 0, quiet: bool = False) -> TuneResult:
+         seed: int = 0, quiet: bool = False, time_budget_s: Optional[float] = None) -> TuneResult:
     """Search recipes for ``model`` on ``target`` under ``constraints`` (``flash<=32KB`` ...).
 
     Every trial is ``toolchain compress`` with one recipe; the result is the Pareto front of size,
     the task's metric and latency (or emulated instructions), and the best recipe: the one that
     meets every constraint with the lowest ``objective`` (``metric``: the drop against the original;
     ``size``; ``latency``; ``instructions``). Writes ``OUT/front.md``, ``front.png``,
-    ``trials.json``, ``tune.json`` and ``best.yaml``."""
+    ``trials.json``, ``tune.json`` and ``best.yaml``. ``time_budget_s`` (like Ctrl+C) ends the search
+    early: running trials stop, the results cover the finished ones, and ``resume=True`` continues."""
     from toolchain.outdir import check_output_dir
     from toolchain.recipe import validate
 
@@ -151,7 +152,7 @@ def tune(model: str, data: str, target: str = "local", constraints: Sequence[str
             tuner = rtune.Tuner(
                 trainable, param_space=space,
                 tune_config=rtune.TuneConfig(metric="score", mode="min", search_alg=searcher, num_samples=trials,
-                                             max_concurrent_trials=concurrent),
+                                             max_concurrent_trials=concurrent, time_budget_s=time_budget_s),
                 run_config=rtune.RunConfig(name=EXPERIMENT, storage_path=str(out_dir), stop=_constraint_stopper(rtune),
                                            callbacks=callbacks, verbose=0,
                                            failure_config=rtune.FailureConfig(max_failures=0)))
@@ -243,8 +244,12 @@ def _records(grid, trials_dir: Path) -> List[dict]:
         if f.is_file():
             rec = json.loads(f.read_text())
         else:
-            rec = {"trial_id": str(trial_id), "config": result.config, "numbers": None, "status": "crashed",
-                   "error": " ".join(str(result.error).split())[:500], "violated": []}
+            # no report at all: it crashed before compress returned, or the search was interrupted
+            # (Ctrl+C, --time-budget) while it ran
+            rec = {"trial_id": str(trial_id), "config": result.config, "numbers": None,
+                   "status": "crashed" if result.error is not None else "interrupted",
+                   "error": " ".join(str(result.error).split())[:500] if result.error is not None else None,
+                   "violated": []}
         out.append(rec)
     return sorted(out, key=lambda r: r["trial_id"])
 
