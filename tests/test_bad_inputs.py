@@ -379,6 +379,30 @@ def test_micro_arena_search_crash_becomes_a_conversion_error(tmp_path, monkeypat
         micro.min_arena(b"\0" * 64, np.zeros((1, 4), np.int8), name="kws.tflite")
 
 
+def test_converter_crash_is_one_line_and_writes_nothing(files, tmp_path, monkeypatch, capsys):
+    """The TFLite converter runs in a child process; when it dies natively (here: a child that reads
+    its job and dies of SIGSEGV, as the converter does on a graph it cannot handle) `export` prints
+    one line naming the format, the signal and --debug, exits 2, and writes nothing."""
+    import glob
+    import tempfile
+
+    crasher = tmp_path / "python"
+    crasher.write_text("#!/bin/sh\nread job\nkill -SEGV $$\n")
+    crasher.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(crasher))
+    out = tmp_path / "o"
+    before = _snapshot(files)
+    code = main(f"export --model {files}/good.keras --data digits --formats tflite-fp32 --quiet --out {out}".split())
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = [l for l in lines if not PROGRESS_LINE.search(l)]
+    assert code == 2 and len(err) == 1 and not any("Traceback" in l for l in lines), (code, lines)
+    assert err[0].startswith("error: ") and "good.keras" in err[0], err[0]  # the CLI names the model
+    assert "the TFLite converter crashed (SIGSEGV) while converting tflite-fp32" in err[0] and "--debug" in err[0]
+    assert not out.exists() and not _stray_staging(tmp_path)
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"toolchain-convert-{os.getpid()}-*"))
+    assert _snapshot(files) == before
+
+
 def test_relevance_worker_is_isolated_and_its_cache_heals(files, tmp_path, monkeypatch, capsys):
     """A ``timeit.py`` in the working directory must not reach the LRP worker; a truncated cache
     entry is recomputed (and rewritten), not a BadZipFile on every later run."""

@@ -97,7 +97,8 @@ def save_model(model: "tf.keras.Model", path) -> Path:
     """Save ``model`` to ``path`` (.keras or .h5/.hdf5 by suffix) atomically; return the path.
 
     The model is written to a temporary name in the same directory and moved into place with
-    ``os.replace``, so readers never see a half-written file.
+    ``os.replace``, so readers never see a half-written file. The same model gives the same bytes:
+    a ``.keras`` archive is written without Keras' save time (:func:`_without_save_time`).
     """
     target = Path(path)
     suffix = target.suffix.lower()
@@ -122,12 +123,42 @@ def save_model(model: "tf.keras.Model", path) -> Path:
             # Keras calls HDF5 "legacy"; the toolchain supports it on purpose.
             warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
             model.save(str(tmp))
+        if suffix == ".keras":
+            _without_save_time(tmp)
         os.replace(tmp, target)
     finally:
         tf_logger.removeFilter(quiet)
         if tmp.exists():
             tmp.unlink()
     return target
+
+
+#: zip member time of written ``.keras`` archives (the zip format's earliest date)
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _without_save_time(path: Path) -> None:
+    """Rewrite a ``.keras`` archive without the moment it was saved: Keras stamps ``date_saved``
+    into ``metadata.json`` and the current time on the weights member, so two identical runs
+    would write different bytes. Member order, contents and compression are kept; tf.keras and
+    :func:`load_model` read the result as before (``keras_version`` stays)."""
+    with zipfile.ZipFile(path) as src:
+        members = [(info, src.read(info)) for info in src.infolist()]
+    rewritten = path.with_name(path.name + ".zip")
+    try:
+        with zipfile.ZipFile(rewritten, "w") as dst:
+            for info, data in members:
+                if info.filename == "metadata.json":
+                    meta = json.loads(data)
+                    meta.pop("date_saved", None)
+                    data = json.dumps(meta).encode()
+                member = zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH)
+                member.compress_type, member.external_attr = info.compress_type, info.external_attr
+                dst.writestr(member, data)
+        os.replace(rewritten, path)
+    finally:
+        if rewritten.exists():
+            rewritten.unlink()
 
 
 # --------------------------------------------------------------------------------------------
