@@ -366,6 +366,10 @@ def markdown(results: dict, command: str) -> list:
           "Latency: p50 of single-sample inference, TFLite, 1 thread, XNNPACK on, on this shared CPU. "
           f"Paper: {PAPER_OVERALL:.0%} overall, {PAPER_CONV:.0%} conv; goal for ours: >= {GOAL_OVERALL:.0%} overall "
           f"within {100 * TUNE_MAX_DROP:g} point of float.", ""]
+    if "--quick" in command:
+        md = [f"**A `--quick` smoke run** ({s['train_samples']} training images, {s['epochs']} epochs, "
+              f"{s['test_samples']} test images): it shows that every flow runs on the real data, not what the "
+              "flows reach on the paper's experiment; do not compare its numbers with the paper's.", ""] + md
     by_data = {}
     for case in results["cases"].values():
         by_data.setdefault(case["data_label"], []).append(case)
@@ -397,7 +401,8 @@ def markdown(results: dict, command: str) -> list:
         md.append("")
     md += [f"- {s}" for s in results.get("skipped", [])]
     md += [f"- Not finished when this file was written ({results.get('total_seconds', 0) / 60:.1f} min into the "
-           f"run): {', '.join(results['pending'])}."] if results.get("pending") else []
+           f"run), so the issue's goals are not measured for: {', '.join(results['pending'])}."] \
+        if results.get("pending") else []
     md += ["", f"Total time of this run: {results.get('total_seconds', 0) / 60:.1f} min."]
     return md
 
@@ -502,7 +507,8 @@ def merge(paths, results_dir: Path) -> int:
     for p, r in zip(paths, runs):
         out["cases"].update(r["cases"])
         out["skipped"] += r.get("skipped", [])
-        out["pending"] += r.get("pending", [])
+        out["pending"] += [f"{name} (`{r.get('command', '?')}`, stopped {r.get('total_seconds', 0) / 60:.0f} min in)"
+                           for name in r.get("pending", [])]
         out["merged_from"].append({"file": str(p), "command": r.get("command"), "total_seconds": r.get("total_seconds")})
     command = " ; ".join(r.get("command", "?") for r in runs)
     print(write(out, results_dir, command).read_text())

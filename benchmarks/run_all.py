@@ -15,8 +15,8 @@ DS-CNN (../shared, kws01: calibration = first 500 files, evaluation = last 500) 
   * official int8       — MLPerf Tiny's kws_ref_model_int8.tflite (DS-CNN only),
 reporting accuracy on the evaluation split, packed weight bytes, artifact bytes, gzip bytes and
 latency p50/p99 + peak RSS on this CPU (1 thread, TFLite XNNPACK and ONNX Runtime).
-The paper's experiment (VGG16 / AlexNet on Fashion-MNIST and CIFAR-10, ``benchmarks/paper.py``) runs
-when those datasets are in the Keras cache and is skipped with the reason otherwise.
+The paper's experiment (VGG16 / AlexNet on Fashion-MNIST and CIFAR-10 (JPEG q75 copy),
+``benchmarks/paper.py``) runs too; a dataset that is not installed is skipped with the reason.
 
     python benchmarks/run_all.py [--quick] [--only digits|kws] [--skip-paper] [--paper-epochs 10]
 
@@ -296,7 +296,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer timed runs (200 instead of 1000)")
     ap.add_argument("--only", choices=("digits", "kws"))
     ap.add_argument("--skip-paper", action="store_true",
-                    help="skip the paper's experiment (it runs only for datasets in the Keras cache)")
+                    help="skip the paper's experiment (hours: it trains four models)")
     ap.add_argument("--paper-epochs", type=int, default=10, help="training epochs of the paper's models")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -40,6 +40,41 @@ def test_missing_cifar10_folder_is_skipped_with_the_reason(tmp_path):
 
 
 @needs_fashion
+def test_validation_split_is_carved_from_the_training_data():
+    from toolchain.data import load_dataset
+
+    full = load_dataset("fashion_mnist")
+    train, test, _ = paper.load_splits("fashion_mnist", paper.CIFAR10_DIR, 600, 200)
+    assert len(train.x_train) == 600 and len(train.x_eval) == 100 and len(test.x_eval) == 200
+    # val = the last training samples, train = the first: disjoint, and neither is the test split
+    assert (train.x_eval == full.x_train[-100:]).all() and (train.x_train == full.x_train[:600]).all()
+    assert (test.x_eval == full.x_eval[:200]).all() and (test.x_train == train.x_train).all()
+
+
+@needs_fashion
+def test_size_matching_counts_what_filter_pruning_keeps():
+    """The equal-size flows solve for a sparsity with ``filter_pruned_weights``; it must equal what
+    ``prune`` really keeps (checked on the zoo's AlexNet and VGG16 on real images)."""
+    from models import build_model
+    from toolchain.prune import prune
+
+    train, _, _ = paper.load_splits("fashion_mnist", paper.CIFAR10_DIR, 200, 50)
+    for arch, sparsity in (("alexnet", 0.6), ("vgg16", 0.3)):  # one pruning each: seconds on a quiet machine
+        model = build_model(arch, tuple(train.input_shape), 10, width_multiplier=paper.WIDTH)
+        original = paper.packed_bits(model, 32)
+        assert paper.reduction(original, original)["reduction_overall"] == 0
+        int8 = paper.reduction(paper.packed_bits(model, 8), original)
+        assert int8["reduction_overall"] == pytest.approx(INT8_REDUCTION) and int8["reduction_conv"] == pytest.approx(INT8_REDUCTION)
+        pruned = prune(model, train, criterion="magnitude", granularity="filter", sparsity=sparsity, quiet=True)
+        kept = sum(w for _, w, _ in paper.packed_bits(pruned.model, 1).values())
+        assert kept == paper.filter_pruned_weights(model, sparsity), (arch, sparsity)
+        target = paper.filter_pruned_weights(model, 0.5) - 1
+        s = paper.filter_sparsity_for(model, target)
+        assert paper.filter_pruned_weights(model, s) <= target < paper.filter_pruned_weights(model, s - 1e-6)
+
+
+@pytest.mark.slow
+@needs_fashion
 def test_quick_run_on_real_fashion_mnist_samples(tmp_path):
     res = tmp_path / "res"
     assert paper.main(["--quick", "--data", "fashion_mnist", "--arch", "alexnet", "--results", str(res)]) == 0
