@@ -98,6 +98,24 @@ def part_search(model: Path, work: Path, trials: int, constraints) -> dict:
     return row
 
 
+def collect_search(out: Path) -> dict:
+    """The search part from an experiment that ended before its trials did (Ctrl+C or a crash
+    after Ray had stopped): what OUT/tune.json and trials.json hold, no reproduction."""
+    doc = json.loads((out / "tune.json").read_text())
+    trials = json.loads((out / "trials.json").read_text())
+    for t in trials:  # trials that never reported were running when the search ended
+        if t["status"] == "crashed" and t.get("error") in (None, "None"):
+            t["status"], t["error"] = "interrupted", None
+    done = [t for t in trials if t["status"] != "interrupted"]
+    return {"part": "search", "trials": len(done), "seconds": doc["seconds"],
+            "trials_per_hour": len(done) / doc["seconds"] * 3600, "concurrent": doc["concurrent_trials"],
+            "ray": doc["ray"], "out": str(out), "constraints": doc["constraints"], "latency": doc["latency"],
+            "searched": doc["searched"], "front": doc["front"], "best": None, "interrupted": len(trials) - len(done),
+            "trial_rows": [{"trial_id": t["trial_id"], "status": t["status"], "feasible": t.get("feasible"),
+                            "config": t.get("config") or {}, "numbers": t.get("numbers"),
+                            "violated": t.get("violated")} for t in trials]}
+
+
 def part_one(model: Path, work: Path, trials: int, constraints) -> dict:
     got = _tune(model, work, "one", trials, constraints, workers=1)
     got.pop("result")
@@ -160,7 +178,10 @@ def markdown(results: dict) -> str:
     if s:
         md += ["## Search", "",
                f"{s['trials']} trials, {s['concurrent']} at a time (Ray started by the command), "
-               f"{s['seconds'] / 60:.1f} min; constraints {', '.join(c['text'] for c in s['constraints'])}. "
+               f"{s['seconds'] / 60:.1f} min"
+               + (f" (stopped with Ctrl+C before the session deadline: {s['interrupted']} trials were still "
+                  "running and are listed as interrupted)" if s.get("interrupted") else "")
+               + f"; constraints {', '.join(c['text'] for c in s['constraints'])}. "
                f"{s['latency']}.", ""]
         rows = [{**t, "trial_id": t["trial_id"]} for t in s["trial_rows"]]
         md += [table(rows, s["searched"], "latency_ms", "accuracy"), ""]
@@ -201,6 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--throughput-trials", type=int, default=2, help="trials of the one and cluster parts")
     ap.add_argument("--constraint", action="append", help="default: flash<=16KB, drop<=1")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
+    ap.add_argument("--collect-search", metavar="OUT",
+                    help="record the search part from the tune folder of an interrupted search part instead")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     model, _ = prepare("digits_cnn", 0)
@@ -211,7 +234,8 @@ def main(argv=None) -> int:
     results = json.loads(path.read_text()) if path.is_file() else {"parts": {}}
     results.update({"command": "nice -n 19 python benchmarks/tune.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                     "machine": f"{os.cpu_count()} cores {platform.machine()} ({cpu_name()})"})
-    run = {"search": lambda: part_search(model, work, args.trials, constraints),
+    run = {"search": (lambda: collect_search(Path(args.collect_search))) if args.collect_search else
+           (lambda: part_search(model, work, args.trials, constraints)),
            "one": lambda: part_one(model, work, args.throughput_trials, constraints),
            "cluster": lambda: part_cluster(model, work, args.throughput_trials, constraints)}
     for part in parts:

@@ -50,6 +50,11 @@ def _fmt(value, kind: str) -> str:
     return str(value)
 
 
+def _value(v) -> str:
+    """A searched value as a cell: quantised floats without their binary noise (0.35, not 0.35000000000000003)."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def table(trials: Sequence[dict], searched: Sequence[str], latency_key: Optional[str], metric: str) -> str:
     """Markdown: one row per trial; latency as measured while trials ran in parallel and, for the
     front, re-measured serially (or the EMULATED INSTRUCTION COUNT on qemu-cortex-m)."""
@@ -65,7 +70,7 @@ def table(trials: Sequence[dict], searched: Sequence[str], latency_key: Optional
                  _fmt(n.get(DROP), "points")] + [_fmt(n.get(key), kind) for key, _, kind in lat_cols]
         cells.append("yes" if t.get("feasible") else ("no: " + ", ".join(t.get("violated") or [])
                                                         if t.get("violated") else "no"))
-        cells += [str(t["config"].get(k, "")) for k in searched]
+        cells += [_value((t.get("config") or {}).get(k, "")) for k in searched]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -32,6 +32,8 @@ EXPERIMENT = "experiment"
 #: TPE samples this share of the trials at random before modelling (at least MIN_STARTUP)
 STARTUP_SHARE, MIN_STARTUP = 1 / 3, 2
 MAX_TRIALS = 10_000
+#: tries at starting the local Ray instance (its raylet has a fixed 30 s to register)
+RAY_START_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -168,19 +170,25 @@ def tune(model: str, data: str, target: str = "local", constraints: Sequence[str
 def _start_ray(ray, address: Optional[str], quiet: bool) -> None:
     # the trials' own output (TensorFlow's warnings) stays in Ray's session logs unless --debug;
     # the command prints one progress line per trial instead
-    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR,
-                  log_to_driver=bool(os.environ.get("TOOLCHAIN_DEBUG")), configure_logging=True)
-    try:
-        if address is None:
-            # "local": a private instance, never a cluster someone started on this machine
-            ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
-        else:
-            ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = f"at {address}" if address else "locally"
-        raise TargetUnavailableError(
-            f"could not start or reach Ray {where} ({' '.join(str(e).split())[:200]}); start a cluster with "
-            "`ray start --head` (see docs/tune.md) or drop --address to run on this machine") from None
+    kwargs = dict(logging_level=logging.ERROR, log_to_driver=bool(os.environ.get("TOOLCHAIN_DEBUG")),
+                  configure_logging=True)
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            if address is None:
+                # "local": a private instance, never a cluster someone started on this machine
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - ray.init fails with bare Exception too
+            ray.shutdown()
+            # Ray waits a fixed 30 s for its raylet: a heavily loaded machine can miss that, so retry
+            if address is None and attempt < RAY_START_ATTEMPTS and "timed out during startup" in str(e):
+                continue
+            where = f"at {address}" if address else "locally"
+            raise TargetUnavailableError(
+                f"could not start or reach Ray {where} ({' '.join(str(e).split())[:200]}); start a cluster with "
+                "`ray start --head` (see docs/tune.md) or drop --address to run on this machine") from None
 
 
 def _constraint_stopper(rtune):
@@ -246,7 +254,7 @@ def _records(grid, trials_dir: Path) -> List[dict]:
         else:
             # no report at all: it crashed before compress returned, or the search was interrupted
             # (Ctrl+C, --time-budget) while it ran
-            rec = {"trial_id": str(trial_id), "config": result.config, "numbers": None,
+            rec = {"trial_id": str(trial_id), "config": result.config or {}, "numbers": None,
                    "status": "crashed" if result.error is not None else "interrupted",
                    "error": " ".join(str(result.error).split())[:500] if result.error is not None else None,
                    "violated": []}
@@ -276,7 +284,8 @@ def _finish(out_dir: Path, records: List[dict], cons: List[Constraint], base: di
     lat = fr.latency_axis(records)
     axes = [fr.SIZE, fr.DROP] + ([lat] if lat else [])
     front = fr.pareto_front(feasible or [r for r in records if r.get("numbers")], axes)
-    note = "latency not measured (bench.enabled: false)"
+    note = ("latency not measured (bench.enabled: false)" if not base["bench"]["enabled"] else
+            "latency not measured: no trial reached its benchmark (each broke a flash, ram or drop limit first)")
     if lat == "instructions":
         note = f"EMULATED INSTRUCTION COUNTS on {target} (QEMU -icount; parallel trials do not change them)"
     elif lat == "latency_ms":
