@@ -102,3 +102,13 @@ def test_without_a_given_graph_export_builds_the_same_one(simulated, tmp_path):
                                 qat_model=result.model)
     assert art.metadata["simulated_graph"] == "built from the plan"
     assert art.path.read_bytes() == given.path.read_bytes()
+
+
+def test_a_graph_simulated_for_another_plan_is_refused(simulated, tmp_path):
+    from toolchain.errors import ConfigError
+
+    edited = BitPlan({**LOW.layers, "conv": LayerBits(8)})  # e.g. bitplan.json edited after quantize
+    with pytest.raises(ConfigError, match=r"\bconv\b.*other widths"):
+        export_tflite_mixed(small_cnn(), edited, tmp_path / "x.tflite", calib(CALIBRATION_SAMPLES),
+                            qat_model=simulated["low"].model)
+    assert not (tmp_path / "x.tflite").exists()

@@ -15,7 +15,9 @@ def add_parser(sub):
     p.add_argument("--formats", required=True,
                    help="comma-separated formats: tflite-fp32, tflite-fp16, tflite-dynamic, tflite-int8, "
                         "tflite-int16x8, tflite-sparse, tflite-mixed, onnx-fp32, onnx-int8, onnx-mixed, mcu")
-    p.add_argument("--bitplan", help="bitplan.json from `toolchain quantize` (needed by tflite-mixed, onnx-mixed)")
+    p.add_argument("--bitplan", help="bitplan.json from `toolchain quantize` (needed by tflite-mixed, onnx-mixed); "
+                                     "the model_qat.h5 beside it (the simulated, possibly fine-tuned graph) is "
+                                     "what those formats convert")
     p.add_argument("--out", required=True, help="output directory (written completely or not at all)")
     p.add_argument("--io", choices=("int8", "float"),
                    help="model I/O of integer formats (default: integer where the format allows it)")
@@ -82,12 +84,18 @@ def run_export(model_path: str, data_spec: str, formats: str, out: str, bitplan_
     plan = BitPlan.load(bitplan_path) if bitplan_path else None
     thresholds = load_thresholds(thresholds_path)
     model, dataset = load_inputs(model_path, data_spec, None, trust_model, data_dir)
+    qat_model = None
+    if bitplan_path:  # the graph `toolchain quantize` simulated (and fine-tuned) beside its plan
+        from toolchain.quantize.simulate import QAT_MODEL_FILE, load_qat_model
+
+        simulated = Path(bitplan_path).parent / QAT_MODEL_FILE
+        qat_model = load_qat_model(simulated) if simulated.is_file() else None
     from toolchain.errors import ConversionError
 
     try:
         return export(model, dataset, fmts, out, bitplan=plan, io=io, calibration_samples=calibration_samples,
                       thresholds=thresholds, verify_samples=verify_samples, name=name, mcu_source=mcu_source,
-                      onnx_opset=onnx_opset, quiet=quiet)
+                      onnx_opset=onnx_opset, qat_model=qat_model, quiet=quiet)
     except ConversionError as e:  # name the user's file, not only the in-memory model
         raise ConversionError(f"{model_path}: {e}") from None
 

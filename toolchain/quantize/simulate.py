@@ -612,6 +612,18 @@ def simulated_graph(model: tf.keras.Model, plan: BitPlan, calib_x: np.ndarray, q
         raise ConfigError(f"the simulated model's kernel layers ({', '.join(sorted(simulated)) or 'none'}) are not "
                           f"the model's ({', '.join(sorted(kernels))}); pass the model_qat.h5 that `toolchain "
                           "quantize` wrote for this model")
+    grids = kernel_grids(qat_model)
+    differ = []
+    for name, lb in complete_plan(model, plan).layers.items():
+        want = _levels(np.minimum(lb.channel_bits() if lb.group_bits else (lb.weight_bits,), MAX_FAKE_QUANT_BITS))
+        want = np.where(np.asarray(lb.channel_bits() if lb.group_bits else (lb.weight_bits,)) >= FLOAT_BITS,
+                        np.nan, want)
+        got = grids[name].levels if name in grids else np.array([np.nan])
+        if not np.array_equal(np.broadcast_to(want, got.shape), got, equal_nan=True):
+            differ.append(name)
+    if differ:
+        raise ConfigError(f"the simulated model quantizes {', '.join(differ)} at other widths than the bit plan; "
+                          "pass the model_qat.h5 written with this bitplan.json (rerun `toolchain quantize`)")
     return qat_model
 
 
