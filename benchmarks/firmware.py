@@ -213,6 +213,11 @@ def write(results: dict, name: str = "firmware") -> None:
         md.append(f"| {cpu} | {kernels} | {g['flash_ratio']:.2f}x | {g['instruction_ratio']:.2f}x | "
                   f"{g['accuracy_gap_points']:+.1f} | met: {', '.join(met) or 'none'}"
                   + (f"; missed: {', '.join(missed)}" if missed else "") + " |")
+    measured = {r["model"] for r in results["rows"]}
+    missing = [LABELS[m] for m in ("official", "ours", "magnitude") if m not in measured]
+    if missing:
+        md += ["", f"Not measured in this file yet: {', '.join(missing)} (run the command with `--models` and "
+               "`--append`); the goal can only be judged with both ours and the official model."]
     md += ["", "## The models", ""]
     for m, n in results["models"].items():
         if isinstance(n.get("recipe"), str):
