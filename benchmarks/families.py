@@ -282,28 +282,35 @@ def main(argv=None) -> int:
     from toolchain.compress import cpu_name
 
     t0 = time.perf_counter()
+    command = ("python benchmarks/families.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))).rstrip()
+    machine = f"{os.cpu_count()} cores {platform.machine()} ({cpu_name()})"
     rows = []
     with tempfile.TemporaryDirectory(prefix="families-") as tmp:
         for family in families:
-            rows.append(run_family(family, args.recipe, Path(tmp), args.mobilenet_train))
-            print(markdown({"rows": rows, "command": "", "machine": "", "recipe": "", "seconds": 0}), flush=True)
-    command = ("python benchmarks/families.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))).rstrip()
-    for row in rows:
-        row["command"] = command
-    seconds = time.perf_counter() - t0
-    previous = RESULTS / f"{args.name}.json"
-    if args.append and previous.is_file():
-        old = json.loads(previous.read_text())
-        rows = [r for r in old["rows"] if r["family"] not in families] + rows
-        rows.sort(key=lambda r: FAMILIES.index(r["family"]))
-        seconds += old.get("seconds", 0)
-    results = {"command": command, "machine": f"{os.cpu_count()} cores {platform.machine()} ({cpu_name()})",
-               "recipe": args.recipe or "default", "rows": rows, "seconds": seconds}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2, default=str))
-    (RESULTS / f"{args.name}.md").write_text(markdown(results))
-    print(markdown(results))
+            rows.append({**run_family(family, args.recipe, Path(tmp), args.mobilenet_train), "command": command})
+            # written after every family, so a long run that is stopped keeps what it measured
+            results = _save(args.name, args.append, rows, command, machine, args.recipe,
+                            time.perf_counter() - t0)
+            print(markdown(results), flush=True)
     return 0
+
+
+def _save(name: str, append: bool, rows: list, command: str, machine: str, recipe, seconds: float) -> dict:
+    """Write benchmarks/results/NAME.{json,md}: these rows, and with ``append`` the other families'
+    rows of the existing file (re-read now: another run may have written it meanwhile)."""
+    previous = RESULTS / f"{name}.json"
+    done = {r["family"] for r in rows}
+    if append and previous.is_file():
+        old = json.loads(previous.read_text())
+        rows = [r for r in old["rows"] if r["family"] not in done] + rows
+        rows.sort(key=lambda r: FAMILIES.index(r["family"]))
+    total = sum(r.get("compress_seconds", 0) + r.get("prepare_seconds", 0) for r in rows)
+    results = {"command": command, "machine": machine, "recipe": recipe or "default", "rows": rows,
+               "seconds": total if append else seconds}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+    (RESULTS / f"{name}.md").write_text(markdown(results))
+    return results
 
 
 if __name__ == "__main__":
