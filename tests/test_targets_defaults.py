@@ -1,6 +1,7 @@
 """Per-target default recipes: a microcontroller target merges its overrides over the default
 recipe before the user's keys, the user's keys win, CPU targets keep the speed-oriented default,
-and `toolchain recipe --example --target` shows them. No TensorFlow import: milliseconds."""
+and `toolchain recipe --example --target` shows them (milliseconds, no TensorFlow), and compress on a
+firmware target names a missing tool before any work (one tiny Keras model)."""
 import copy
 
 import pytest
@@ -80,3 +81,19 @@ def test_cli_recipe_example_target(capsys):
 
     assert main(["recipe", "--example", "--target", "qemu-cortex-m7"]) == 0
     assert "mcu_source: tflite-mixed" in capsys.readouterr().out
+
+
+def test_compress_on_a_firmware_target_names_the_missing_tool_before_any_work(monkeypatch, tmp_path):
+    import tensorflow as tf
+
+    from toolchain.compress import run_compress
+    from toolchain.errors import TargetUnavailableError
+
+    model = tf.keras.Sequential([tf.keras.layers.Input((8, 8, 1)), tf.keras.layers.Flatten(),
+                                 tf.keras.layers.Dense(10, activation="softmax")])
+    path = tmp_path / "m.keras"
+    model.save(path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(TargetUnavailableError, match=r"apt-get install (gcc-arm-none-eabi|qemu-system-arm|make)"):
+        run_compress(str(path), "digits", str(tmp_path / "out"), target="qemu-cortex-m4", quiet=True)
+    assert not (tmp_path / "out").exists()   # nothing written, no stage run
