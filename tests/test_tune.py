@@ -108,6 +108,11 @@ def test_search_space_holds_the_recipes_keys_fixed_and_decodes_to_valid_recipes(
         assert merged["bench"]["target"] == "emulated-pi4"
     assert merged["quantize"]["budget"] == "avg-bits=4.5" and merged["quantize"]["float_layers"] == []
     assert merged["prune"]["channel_multiple"] == 8
+    # a drop constraint is the guard of every trial and of best.yaml alike (it also sets the
+    # pruning backoff's limit, so a trial under another guard would prune differently)
+    guarded = validate(recipe_for(raw, start, "local", drop_points=1.5))
+    assert guarded["verify"]["max_accuracy_drop"] == 0.015 and guarded["verify"]["max_auc_drop"] == 0.015
+    assert validate(recipe_for(raw, start, "local"))["verify"] == validate({})["verify"]
 
 
 def test_pareto_front_and_scores():

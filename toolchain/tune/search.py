@@ -131,7 +131,8 @@ def tune(model: str, data: str, target: str = "local", constraints: Sequence[str
            "task": task, "target": target, "raw_recipe": {**raw, "bench": {**raw_bench, "target": target}},
            "constraints": [c.to_dict() for c in cons], "objective": objective, "env": env,
            "bench_enabled": bool(base["bench"]["enabled"]), "trials_dir": str(out_dir / "trials"),
-           "guard_points": _guard_points(base)}
+           "guard_points": _guard_points(base),
+           "drop_points": next((c.limit for c in cons if c.name == "drop"), None)}
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     t0 = time.perf_counter()
@@ -197,7 +198,7 @@ def _constraint_stopper(rtune):
         drop constraint, or failed: its benchmark would only cost time."""
 
         def __call__(self, trial_id, result):
-            return result.get("status") in ("stopped", "failed")
+            return result.get("status") in ("stopped", "failed", "refused")
 
         def stop_all(self):
             return False
@@ -227,8 +228,8 @@ def _progress_callback(rtune, total: int, concurrent: int, quiet: bool):
             import json
 
             n = json.loads(r.get("numbers_json") or "null") or {}
-            if r.get("status") == "failed":
-                text = f"failed: {r.get('error')}"
+            if r.get("status") in ("failed", "refused"):
+                text = f"{r.get('status')}: {r.get('error')}"
             else:
                 text = (f"{r.get('status')}: flash {n.get('flash_bytes', 0):,} B, drop "
                         f"{n.get('drop_points', float('nan')):+.2f} points"
@@ -266,7 +267,7 @@ def _finish(out_dir: Path, records: List[dict], cons: List[Constraint], base: di
             objective: str, target: str, data: str, data_dir, concurrent: int, address, seconds: float,
             quiet: bool) -> TuneResult:
     from toolchain.tune import front as fr
-    from toolchain.tune.space import GUARD_FOR_METRIC, recipe_for
+    from toolchain.tune.space import recipe_for
     from toolchain.tune.trial import score, with_drop_limit
 
     metric = next((r["numbers"]["metric"] for r in records if r.get("numbers")), "accuracy")
@@ -298,11 +299,7 @@ def _finish(out_dir: Path, records: List[dict], cons: List[Constraint], base: di
         field = OBJECTIVE_FIELDS[objective]
         best = min(candidates, key=lambda r: (score(r["numbers"], all_cons, objective)[0], r["numbers"][fr.SIZE],
                                               r["numbers"][fr.DROP]))
-        recipe = recipe_for(ctx["raw_recipe"], best["config"], target)
-        drop = next(c for c in all_cons if c["name"] == "drop")
-        recipe.setdefault("verify", {})
-        recipe["verify"] = {**(recipe["verify"] or {}), GUARD_FOR_METRIC[metric]: round(drop["limit"] / 100, 6)}
-        best["best_recipe"] = recipe
+        best["best_recipe"] = recipe_for(ctx["raw_recipe"], best["config"], target, ctx["drop_points"])
     searched = sorted(space)
     hours = seconds / 3600
     doc = {"model": ctx["model"], "data": data, "target": target, "constraints": all_cons, "objective": objective,

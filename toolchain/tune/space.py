@@ -20,9 +20,6 @@ ALLOCATORS = ("relevance", "uniform", "sensitivity")
 GRANULARITIES = ("filter", "weight")
 #: ``prune.distill_steps`` candidates as fractions of the recipe's cap (0 = no distillation)
 DISTILL_FRACTIONS = (0.0, 0.25, 1.0)
-#: the guard in each trial lets every trial finish so that its numbers are recorded; the drop
-#: constraint decides feasibility instead, and the best recipe carries it as its guard
-TRIAL_GUARD = {"max_accuracy_drop": 1.0, "max_mse_increase": 1000.0, "max_auc_drop": 1.0}
 #: the guard key each task's drop constraint becomes in the best recipe (points -> fraction)
 GUARD_FOR_METRIC = {"accuracy": "max_accuracy_drop", "mse": "max_mse_increase", "auc": "max_auc_drop"}
 
@@ -103,11 +100,16 @@ def decode(name: str, value: Any) -> Any:
     return value
 
 
-def recipe_for(raw: dict, config: Dict[str, Any], target: str) -> dict:
-    """The recipe a trial (or the best one) runs, as a YAML-ready dict: the user's own keys, the
-    searched keys at the trial's values, and the target. ``toolchain compress --recipe`` takes it
-    as is."""
+def recipe_for(raw: dict, config: Dict[str, Any], target: str, drop_points: Optional[float] = None) -> dict:
+    """The recipe a trial runs and, for the best trial, ``best.yaml``: the user's own keys, the
+    searched keys at the trial's values, the target, and a drop constraint as compress's guard
+    (every task's key: points -> fraction). Trial and best recipe are the same recipe, so
+    ``toolchain compress --recipe best.yaml`` redoes the trial (the guard also sets the pruning
+    backoff's limit, so a trial with a looser guard would prune differently)."""
     recipe = copy.deepcopy(raw)
+    if drop_points is not None:
+        recipe["verify"] = {**(recipe.get("verify") or {}),
+                            **{key: round(drop_points / 100, 6) for key in GUARD_FOR_METRIC.values()}}
     for name, value in sorted(config.items()):
         section, key = name.split(".", 1)
         recipe.setdefault(section, {})

@@ -1,6 +1,8 @@
 """One trial of a tune: ``toolchain compress`` with the trial's recipe, in two reported steps.
 
-Step 1 runs compress with the benchmark off and reports what parallel trials cannot distort: the
+Each trial's recipe is exactly the one ``best.yaml`` would hold (its verify guard is the drop
+constraint): a trial that loses more than that is refused by compress's guard and listed as
+``refused``. Step 1 runs compress with the benchmark off and reports what parallel trials cannot distort: the
 shipped artifact's size (flash, and RAM for an MCU bundle), the task's metric and the worst
 compressed artifact's drop against the original. A trial that already breaks a flash, ram or drop
 constraint is stopped there (``ConstraintStopper``) and never benchmarked. Step 2 benchmarks the
@@ -23,6 +25,8 @@ import yaml
 #: their objective normalised to about [0, 1], infeasible ones INFEASIBLE_SCORE + their violation
 FAILED_SCORE = 1e6
 INFEASIBLE_SCORE = 10.0
+#: a trial compress's guard refused (it loses more than the drop limit): infeasible, numbers unknown
+REFUSED_SCORE = 2 * INFEASIBLE_SCORE
 #: constraints known after step 1 (size and accuracy: parallel trials do not change them)
 STEP1_CONSTRAINTS = ("flash", "ram", "drop")
 
@@ -144,24 +148,27 @@ def run_trial(config: dict, ctx: dict) -> None:
     from ray import tune
 
     from toolchain.errors import ToolchainError
-    from toolchain.tune.space import TRIAL_GUARD, recipe_for
+    from toolchain.errors import VerificationError
+    from toolchain.tune.space import recipe_for
 
     for name, value in ctx["env"].items():
         os.environ[name] = value
     trial_id = tune.get_context().get_trial_id()
     folder = Path(ctx["trials_dir"]) / trial_id
     folder.mkdir(parents=True, exist_ok=True)
-    recipe = recipe_for(ctx["raw_recipe"], config, ctx["target"])
+    recipe = recipe_for(ctx["raw_recipe"], config, ctx["target"], ctx["drop_points"])
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     run_recipe = json.loads(json.dumps(recipe))
     bench = dict(run_recipe.get("bench") or {})
     run_recipe["bench"] = {**bench, "enabled": False}
-    run_recipe["verify"] = {**(run_recipe.get("verify") or {}), **TRIAL_GUARD}
     t0 = time.perf_counter()
     record = {"trial_id": trial_id, "config": config, "recipe": recipe, "build": str(folder / "build")}
 
     def report(step: int, numbers: Optional[dict], status: str, error: Optional[str] = None):
-        s, violated = (FAILED_SCORE, []) if numbers is None else score(numbers, ctx["constraints"], ctx["objective"])
+        if numbers is None:  # refused by the guard (the drop limit): infeasible; failed: worst
+            s, violated = (REFUSED_SCORE, ["drop (compress's guard)"]) if status == "refused" else (FAILED_SCORE, [])
+        else:
+            s, violated = score(numbers, ctx["constraints"], ctx["objective"])
         out = {"score": s, "step": step, "status": status, "violated": violated, "error": error,
                "seconds": time.perf_counter() - t0, "numbers_json": json.dumps(numbers)}
         (folder / "trial.json").write_text(json.dumps({**record, **out, "numbers": numbers}, indent=2))
@@ -174,7 +181,8 @@ def run_trial(config: dict, ctx: dict) -> None:
                               trust_model=ctx["trust_model"], data_dir=ctx["data_dir"], quiet=True, task=ctx["task"])
         numbers = numbers_from_summary(result.summary).to_dict()
     except ToolchainError as e:
-        report(1, None, "failed", f"{type(e).__name__}: {' '.join(str(e).split())[:500]}")
+        status = "refused" if isinstance(e, VerificationError) else "failed"
+        report(1, None, status, f"{type(e).__name__}: {' '.join(str(e).split())[:500]}")
         return
     measured = ctx["bench_enabled"]
     constraints = with_drop_limit(ctx["constraints"], ctx["guard_points"], numbers["metric"])
