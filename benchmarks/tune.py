@@ -73,8 +73,10 @@ def _tune(model: Path, work: Path, name: str, trials: int, constraints, **kwargs
                   out=str(out), **kwargs)
     seconds = time.perf_counter() - t0
     doc = json.loads((out / "tune.json").read_text())
-    return {"part": name, "trials": len(result.trials), "seconds": seconds,
-            "trials_per_hour": len(result.trials) / seconds * 3600, "concurrent": doc["concurrent_trials"],
+    # a crashed or interrupted trial is not a trial done
+    done = [t for t in result.trials if t["status"] not in ("crashed", "interrupted")]
+    return {"part": name, "trials": len(done), "seconds": seconds, "crashed_or_interrupted": len(result.trials) - len(done),
+            "trials_per_hour": len(done) / seconds * 3600, "concurrent": doc["concurrent_trials"],
             "ray": doc["ray"], "out": str(out), "tune": doc, "result": result}
 
 
