@@ -250,23 +250,34 @@ def plan_from_recipe(model, dataset, recipe, quiet: bool = True):
 
 
 def _quantize(model, dataset, recipe, m_hash, d_hash, quiet):
+    """``(plan, quantize.json content, cached?, simulated graph)``. The simulated (and, with
+    ``qat_epochs``, fine-tuned) graph is what export converts into the mixed artifacts; it is cached
+    beside the entry as ``model_qat.h5`` (an entry without it is recomputed)."""
+    import os
+
     from toolchain import stagecache
     from toolchain.quantize import quantize
     from toolchain.quantize.bitplan import BitPlan
+    from toolchain.quantize.simulate import QAT_MODEL_FILE, load_qat_model, save_qat_model
 
     q = recipe["quantize"]
     settings = {k: q[k] for k in ("allocator", "bits", "budget", "granularity", "group_size", "qat_epochs",
                                   "float_layers")}
     entry = stagecache.key("quantize", m_hash, d_hash, settings, recipe["relevance"])
     hit = stagecache.get(entry)
-    if hit is not None:
-        return BitPlan.from_dict(hit[1]["plan"]), hit[1]["result"], True
+    graph = stagecache.root() / entry / QAT_MODEL_FILE
+    if hit is not None and graph.is_file():
+        return BitPlan.from_dict(hit[1]["plan"]), hit[1]["result"], True, load_qat_model(graph)
     plan = plan_from_recipe(model, dataset, recipe, quiet)
-    result = quantize(model, plan, dataset, qat_epochs=q["qat_epochs"],
-                      calibration_samples=recipe["relevance"]["samples"], quiet=quiet).to_dict()
+    quantized = quantize(model, plan, dataset, qat_epochs=q["qat_epochs"],
+                         calibration_samples=recipe["relevance"]["samples"], quiet=quiet)
+    result = quantized.to_dict()
     result.pop("history", None)
     stagecache.put(entry, {"plan": plan.to_dict(), "result": result})
-    return plan, result, False
+    partial = graph.with_name(f".{QAT_MODEL_FILE}.{os.getpid()}.h5")
+    save_qat_model(quantized.model, partial)
+    os.replace(partial, graph)
+    return plan, result, False, quantized.model
 
 
 def _verify_overrides(recipe) -> dict:
@@ -368,12 +379,12 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
                 _plot_sparsity(summary["prune"], stage / "prune_sparsity.png")
 
         # 3. mixed-precision bit plan, simulated
-        plan = None
+        plan = qat_model = None
         if recipe["quantize"]["enabled"]:
             q = recipe["quantize"]
             progress.stage("quantize", f"{q['allocator']} allocator, bits {q['bits']}, budget {q['budget']}")
             c_hash = model_hash(compressed)
-            plan, quant_summary, cached = _quantize(compressed, dataset, recipe, c_hash, d_hash, quiet)
+            plan, quant_summary, cached, qat_model = _quantize(compressed, dataset, recipe, c_hash, d_hash, quiet)
             if cached:
                 summary["cached_stages"].append("quantize")
             plan.save(stage / "bitplan.json")
@@ -384,8 +395,10 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
         # 4./5. export + verify (in their runtimes), then benchmark
         formats = [f for f in parse_formats(recipe["export"]["formats"]) if plan is not None or "mixed" not in f]
         progress.stage("export", ", ".join(formats))
+        # the mixed artifacts are converted from the graph quantize simulated (and fine-tuned)
         bundle = export(compressed, dataset, formats, stage / "artifacts", bitplan=plan,
-                        thresholds=_verify_overrides(recipe), mcu_source=recipe["export"]["mcu_source"], quiet=quiet)
+                        thresholds=_verify_overrides(recipe), mcu_source=recipe["export"]["mcu_source"],
+                        qat_model=qat_model, quiet=quiet)
         # reference points: the original as float32 and as the standard flow's uniform int8
         # The baselines are reference points, not shipped artifacts: their numbers are reported as
         # measured, and a plain int8 that strays from the original must not fail the run
@@ -398,6 +411,9 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
         # the original's outputs on the evaluation split, once: every row and the guard compare with them
         original_out = model.predict(dataset.x_eval, batch_size=256, verbose=0)
         rows = _artifact_rows(bundle, baseline, original_out, dataset, packed)
+        if plan is not None:  # simulated and artifact accuracy side by side (same evaluation split)
+            summary["quantize"]["artifact_accuracy"] = {r["format"]: r.get("accuracy") for r in rows
+                                                        if r["origin"] == "compressed" and "mixed" in r["format"]}
         # the guard: every compressed artifact against the USER'S ORIGINAL model, not the pruned
         # one export verified against; breaking a limit fails the run before anything is written
         summary["original"] = _compare_with_original(rows, bundle, original_out, dataset, recipe["verify"])

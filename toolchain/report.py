@@ -158,6 +158,19 @@ def mcu_flash_section(weights: Mapping) -> dict:
             "rows": rows, "plots": []}
 
 
+def _simulated_vs_artifacts(qu: Mapping) -> str:
+    """The mixed artifacts' accuracy next to the simulated graph they were converted from."""
+    arts = {k: v for k, v in (qu.get("artifact_accuracy") or {}).items() if isinstance(v, float) and v == v}
+    sim = qu.get("accuracy")
+    if not arts or not isinstance(sim, float) or sim != sim:
+        return ""
+    qat = (f" after {qu['qat_epochs']} epochs of quantization-aware training (before: "
+           f"{qu['accuracy_before_qat']:.2%})" if qu.get("qat_epochs") else "")
+    return (f" Simulated {sim:.2%}{qat}; the artifacts converted from that graph score "
+            + ", ".join(f"{k} {v:.2%} ({(v - sim) * 100:+.1f} points)" for k, v in sorted(arts.items()))
+            + " on the same evaluation split.")
+
+
 def sections(summary: Mapping) -> List[dict]:
     """The report's sections as (title, text, table headers, table rows, plots) in order."""
     out = []
@@ -277,7 +290,7 @@ def sections(summary: Mapping) -> List[dict]:
                     f"{qu['avg_weight_bits']:.2f} average bits per weight, {int(qu['packed_weight_bytes']):,} packed "
                     f"weight bytes"
                     + (f"; simulated accuracy {qu['accuracy']:.2%}." if isinstance(qu.get("accuracy"), float)
-                       and qu["accuracy"] == qu["accuracy"] else "."),
+                       and qu["accuracy"] == qu["accuracy"] else ".") + _simulated_vs_artifacts(qu),
                     "headers": ["layer", "weight bits (per group)", "activation bits"], "rows": rows,
                     "plots": ["bit_widths.png"]})
     fid = summary.get("fidelity")

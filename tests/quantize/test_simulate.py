@@ -170,6 +170,17 @@ def test_saved_model_round_trip(digits_model, digits_data, tmp_path):
     save_qat_model(qmodel, path)
     loaded = load_qat_model(path)
     np.testing.assert_array_equal(predict(loaded, digits_data.x_eval), predict(qmodel, digits_data.x_eval))
+    # what export reads from a loaded graph (compress's stage cache, `toolchain export --bitplan`):
+    # the same rounded kernels and stripped float model as from the graph in memory
+    from toolchain.quantize.simulate import kernel_grids, strip_quantization
+
+    for name, grid in kernel_grids(qmodel).items():
+        again = kernel_grids(loaded)[name]
+        np.testing.assert_array_equal(again.kernel, grid.kernel, err_msg=name)
+        np.testing.assert_array_equal(again.step, grid.step, err_msg=name)
+    for a, b in zip(strip_quantization(qmodel, digits_model).get_weights(),
+                    strip_quantization(loaded, digits_model).get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_sensitivity_allocator_and_quantize(digits_model, digits_data):

@@ -579,9 +579,11 @@ def strip_quantization(qmodel: tf.keras.Model, model: tf.keras.Model) -> tf.kera
         if wrapper is None:
             raise ConfigError(f"the simulated model has no layer {layer.name!r} of the model it is applied to; "
                               "pass the model the simulated model was built from")
-        # the wrapper holds the inner layer's variables as "<layer>/<kernel|bias|...>"
-        trained = {_short(v.name): v for v in wrapper.weights if v.name.startswith(layer.name + "/")}
+        # the inner layer keeps its other variables (bias, ...); a quantized kernel lives in the
+        # wrapper's _weight_vars (variable names differ once loaded from .h5: match short names)
         kernel_attr = KERNEL_ATTRS.get(type(layer).__name__)
+        trained = {_short(v.name): v for v in wrapper.layer.weights}
+        trained.update({kernel_attr: weight for weight, _, _ in wrapper._weight_vars})
         values = []
         for target in layer.weights:
             short = _short(target.name)
