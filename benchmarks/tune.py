@@ -53,7 +53,10 @@ RUN_NOTE = ("The search and cluster parts below ran with toolchain tune as of co
             "same first two recipes (TPE seed 0) and measured the same flash bytes and drop for them, locally "
             "and on the cluster. The search part was started as `nice -n 19 python benchmarks/tune.py --parts "
             "search,one,cluster --trials 8 --throughput-trials 2 --constraint flash<=20KB --constraint drop<=1`, "
-            "stopped with Ctrl+C after 38 min (2 trials finished) and recorded with --collect-search.")
+            "stopped with Ctrl+C after 38 min (2 trials finished) and recorded with --collect-search. The "
+            "1-worker part ran after b38403c: its one trial (the base recipe, sparsity 0.5 int8) ran under the "
+            "1-point guard, so the pruning backoff went to sparsity 0.3: 37,856 B at -0.67 points (breaks the "
+            "flash limit), where the loose-guard trials above kept 0.5: 22,360 B at -2.22 points.")
 #: a loaded 2-core machine starts a Ray head in 10-60 s
 RAY_START_TIMEOUT_S = 300
 
