@@ -205,8 +205,12 @@ def markdown(results: dict) -> str:
           "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     refused, backoffs = [], []
     for r in results["rows"]:
+        if r.get("previous_default"):
+            # rows kept from a run before the sparsity backoff (they record no distillation data)
+            r = {**r, "family": f"{r['family']} (previous default)"}
         if "refused" in r:
-            md.append(f"| {r['family']} | – | – | – | refused by the guard (see below) | – | – | – | – | – | – | "
+            what = "refused by the guard" if "verify." in r["refused"] else "stopped by an error"
+            md.append(f"| {r['family']} | – | – | – | {what} (see below) | – | – | – | – | – | – | "
                       f"{r['compress_seconds'] / 60:.1f} min |")
             refused.append(f"- {r['family']}: {r['refused']}")
             continue
@@ -237,8 +241,11 @@ def markdown(results: dict) -> str:
                    "calibration split, never the evaluation split, and pruned less when it loses more than "
                    "`prune.backoff_max_drop` x the verify limit):", ""] + backoffs
     if refused:
-        md += ["", "Refused runs (compress exits 2 and writes nothing when an artifact loses more than the "
-                   "recipe allows against the original):", ""] + refused
+        md += ["", "Runs that wrote nothing (compress exits 2: the guard refused an artifact that loses more "
+                   "than the recipe allows against the original, or a later stage stopped with an error):", ""] + refused
+    if any(r.get("previous_default") for r in results["rows"]):
+        md += ["", "(previous default): measured before the default recipe distilled on the whole training "
+                   "split and backed off its sparsity on the calibration split; not rerun since."]
     md += ["", f"Total: {results['seconds'] / 60:.1f} min."]
     return "\n".join(md) + "\n"
 
