@@ -124,7 +124,7 @@ def markdown(results: dict) -> str:
     md += ["", f"{len(rows) - len(failed)} of {len(rows)} plans have both artifacts within {MAX_GAP} points."]
     if failed:
         md += ["", "Outside the bar, and why:"]
-        md += [f"- {r['model']} {r['allocator']} {r['budget']} QAT {r['qat_epochs']}: {r.get('why', '')}"
+        md += [f"- {r['model']} {r['allocator']} {r['budget']} QAT {r['qat_epochs']}: {r.get('why') or WHY}"
                for r in failed]
     for name, note in results.get("notes", {}).items():
         md += ["", f"- {name}: {note}"]
