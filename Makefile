@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m toolchain.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=25
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -287,7 +287,10 @@ def bench(artifact: Union[str, os.PathLike], target: Union[str, Target] = "local
     if data is not None:
         from toolchain.data import load_dataset
 
-        ds = load_dataset(data, data_dir=data_dir)
+        # loaders that resize (images:) need the artifact's own sample shape, as compress passes the model's
+        sample = tuple(spec["input"]["shape"])[1:]
+        ds = load_dataset(data, data_dir=data_dir,
+                          input_shape=sample if sample and all(isinstance(d, int) and d > 0 for d in sample) else None)
 
     def measure(workdir: Path) -> BenchResult:
         inputs, data_info = None, {"spec": None, "split": None, "samples": None}

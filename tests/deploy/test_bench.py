@@ -127,3 +127,20 @@ def test_local_peak_rss_is_the_runners_own(artifacts):
                                        [RunConfig(1)])
     assert r["peak_rss_source"] == "VmHWM"
     assert 0 < r["peak_rss_mib"] < ours / 2, (r["peak_rss_mib"], ours)
+
+
+def test_image_folder_data_is_resized_to_the_artifact_input(tmp_path):
+    """``images:DIR`` loads at the artifact's own input size (compress's bench stage passes the
+    spec it gave compress: a 96x96 model was fed the folder's 32x32 images and refused)."""
+    import tensorflow as tf
+
+    from tests.data.test_data import _image_folder
+
+    _image_folder(tmp_path / "pets")  # 6x5 RGB images in class folders
+    inputs = tf.keras.Input((12, 10, 3))
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(2, activation="softmax")(
+        tf.keras.layers.Flatten()(inputs)))
+    model.save(tmp_path / "m.keras")
+    result = bench(tmp_path / "m.keras", target="local", data=f"images:{tmp_path / 'pets'}", runs=2,
+                   quiet=True)
+    assert result.data["samples"] == 4 and result.data["split"] == "eval"

@@ -110,6 +110,9 @@ def load_images(path: str, input_shape: Optional[Sequence[int]] = None) -> Datas
             for c in split_files:
                 split_files[c] = split_files[c][: int(opts[key])]
     if input_shape is not None:
+        if any(d is None for d in input_shape):
+            raise DataError(f"images: the model takes samples of shape {tuple(input_shape)} (not fixed), so "
+                            "there is no size to resize the images to; give the model a fixed input size")
         shape = tuple(int(d) for d in input_shape)
         if len(shape) != 3 or shape[2] not in (1, 3):
             raise DataError(f"images: the model takes samples of shape {shape}, but images load as "
