@@ -283,6 +283,20 @@ def _load(folder: Path, job: ConvertJob):
                                           **({} if _model_file(job).endswith(".h5") else {"safe_mode": False}))
 
 
+def fix_quantize_layer_names(qat) -> None:
+    """Name a tfmot graph's input ``QuantizeLayer`` s ``quantize_layer``, ``quantize_layer_1``, ...
+
+    tfmot names them from a process-wide counter and the name ends up in the flatbuffer's tensor
+    names, so the bytes would depend on what ran before. Renaming a layer of a built Functional
+    model breaks saving it (Keras keys the graph's nodes by the old name, and a reload then loops
+    forever), so this runs here, on the child's own loaded copy, right before conversion."""
+    k = 0
+    for layer in qat.layers:
+        if type(layer).__name__ == "QuantizeLayer":
+            layer._name = "quantize_layer" if k == 0 else f"quantize_layer_{k}"
+            k += 1
+
+
 def _serve(root: str, debug: bool) -> None:
     import logging
     import traceback
@@ -301,7 +315,10 @@ def _serve(root: str, debug: bool) -> None:
             spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
             job = ConvertJob(**spec)
             calib = folder / "calib.npy"
-            data = convert_here(_load(folder, job), job, np.load(calib) if calib.exists() else None)
+            model = _load(folder, job)
+            if job.custom_objects is not None:
+                fix_quantize_layer_names(model)
+            data = convert_here(model, job, np.load(calib) if calib.exists() else None)
             (folder / "model.tflite").write_bytes(data)
             reply.write("ok\n")
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises ConversionError

@@ -144,16 +144,6 @@ def _layer_names(model) -> Dict[str, Tuple[str, str]]:
     return names
 
 
-def _fix_quantize_layer_names(qat) -> None:
-    # tfmot names the input QuantizeLayer from a process-wide counter (quantize_layer_1, _2, ...)
-    # and the name ends up in the flatbuffer's tensor names: fix it so the bytes are reproducible.
-    k = 0
-    for layer in qat.layers:
-        if type(layer).__name__ == "QuantizeLayer":
-            layer._name = "quantize_layer" if k == 0 else f"quantize_layer_{k}"
-            k += 1
-
-
 # --------------------------------------------------------------------------------------------
 # Conversion
 
@@ -162,7 +152,6 @@ def _convert_qat(qat, io):
     """The simulated graph itself through the converter (INT4 where a fake-quant has <= 4 bits)."""
     from toolchain.export.convert_worker import ConvertJob, convert_in_child
 
-    _fix_quantize_layer_names(qat)
     io_type = None if io == "float" else "int8"
     return convert_in_child(qat, ConvertJob("tflite-mixed (route qat)", optimizations=("DEFAULT",),
                                             inference_input_type=io_type, inference_output_type=io_type,
