@@ -217,7 +217,7 @@ def _prune_with_backoff(run, model, dataset, recipe, distill, quiet=True):
         # a distillation the time budget cut far below its cap was starved; every lower sparsity
         # would be starved alike (MobileNetV1 0.25 at 96x96 keeps 16.5% of its 46.8% at 0.3 and
         # 25.5% at 0.15 before recovery), so go straight to the last backoff sparsity
-        starved = (distilled.get("stop_reason") == "time_budget"
+        starved = (distilled.get("stop_reason") in ("time_budget", "deadline")
                    and distilled.get("steps_run", 0) < BACKOFF_STARVED_SHARE * distilled.get("steps_cap", 0))
         tried[-1]["starved"] = starved
         last = drop <= limit or not queue

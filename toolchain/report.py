@@ -255,7 +255,9 @@ def sections(summary: Mapping) -> List[dict]:
             steps = pr.get("steps") or []
             pruned_acc = steps[-1].get("accuracy") if steps else None
             run = dist.get("steps_run", dist["config"]["steps"])
-            why = {"cap": "the recipe's cap", "time_budget": "the time budget", "early_stop":
+            why = {"cap": "the recipe's cap", "time_budget": "the time budget",
+                   "deadline": "the time budget's deadline (the machine slowed down after the timing steps)",
+                   "early_stop":
                    "early stop: the held-out calibration samples stopped improving"}.get(dist.get("stop_reason"), "")
             if dist.get("agreement_before") is not None:
                 closeness = (f"top-1 agreement with the original on the calibration samples "

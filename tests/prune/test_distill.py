@@ -184,6 +184,32 @@ def test_time_budget_cuts_a_run_and_says_so(capsys):
     assert f"distill: {history['steps_chosen']} steps (cut from the cap 5000 to fit the time budget" in err
 
 
+def test_a_run_the_machine_slows_down_stops_at_the_deadline(monkeypatch, capsys):
+    """The time budget is also a deadline: from step 500 on this run's clock jumps by a day (as if
+    other jobs took the cores after the timing steps); the run stops at the next deadline check
+    instead of running its 3,000 chosen steps, and says why."""
+    import sys
+    import time
+
+    from toolchain.prune.distill import DEADLINE_CHECK_EVERY
+
+    real = time.perf_counter
+
+    def clock():  # only distill's own readings jump, and only from its step 500 on
+        caller = sys._getframe(1)
+        late = caller.f_code.co_name == "distill" and caller.f_locals.get("i", 0) >= 500
+        return real() + (86400.0 if late else 0.0)
+
+    monkeypatch.setattr(time, "perf_counter", clock)
+    teacher, student = _autoencoder(), _autoencoder(seed=1)
+    x = np.random.default_rng(0).normal(size=(64, 12)).astype(np.float32)
+    history = distill(student, teacher, x, DistillConfig(steps=3000, time_budget_s=600.0, patience=0), quiet=False)
+    assert history["steps_chosen"] == 3000, history  # the timing steps saw a fast machine
+    assert history["stop_reason"] == "deadline"
+    assert 500 <= history["steps_run"] <= 500 + DEADLINE_CHECK_EVERY, history["steps_run"]
+    assert "passed 1.15x its time budget" in capsys.readouterr().err
+
+
 def test_early_stopping_restores_the_best_held_out_weights():
     """A learning rate far too high makes the held-out loss climb after its first evaluations: the
     run stops after ``patience`` evaluations without improvement and ends with the weights of the

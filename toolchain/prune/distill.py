@@ -40,7 +40,10 @@ loss on the clean (un-augmented) calibration samples has not improved for ``pati
 every one counts, so the default keeps them all). Patience is generous on purpose (12 evaluations
 of 1/48 of the run = a quarter of it): under the cosine schedule the loss keeps falling to the end,
 and a run that reaches its last step keeps its final weights, so the tuned default trains exactly
-as before unless the time budget cuts it.
+as before unless the time budget cuts it. The budget is also a deadline: a run that the machine
+slows down after it was timed stops at ``DEADLINE_FACTOR`` times the budget (stop reason
+``deadline``, best held-out weights kept), so a busy machine cannot stretch a 15-minute budget
+into 40 minutes.
 """
 from __future__ import annotations
 
@@ -60,10 +63,17 @@ TIMING_STEPS = 100
 #: default wall-clock budget of one distillation run, seconds (the step cap still applies); the
 #: recipe's ``prune.distill_time_budget_s``
 DEFAULT_TIME_BUDGET_S = float(DEFAULT_RECIPE["prune"]["distill_time_budget_s"])
+#: the budget is also a wall-clock deadline: when the machine slows down after the timing steps
+#: (other jobs start), training stops at this multiple of ``time_budget_s`` since its first step,
+#: keeping the best held-out weights (stop reason ``deadline``; never before MIN_STEPS). The slack leaves room for the
+#: estimate's own error so an undisturbed run reaches its chosen step count
+DEADLINE_FACTOR = 1.15
 #: a time-budgeted step count is rounded down to a multiple of this (when larger)
 STEP_ROUNDING = 1000
 #: never fewer steps than this, whatever the budget
 MIN_STEPS = 200
+#: how often (steps) the deadline is looked at
+DEADLINE_CHECK_EVERY = 10
 #: held-out evaluations per run (every steps // EVALS_PER_RUN steps, at least MIN_EVAL_EVERY)
 EVALS_PER_RUN = 48
 MIN_EVAL_EVERY = 100
@@ -365,6 +375,7 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
     bar = tqdm(total=steps, desc="distill", unit="step", disable=quiet, leave=False)
     every = max(1, steps // 50)
     t_start = time.perf_counter()
+    deadline = None if config.time_budget_s is None else DEADLINE_FACTOR * float(config.time_budget_s)
     t_timing = None
     i = 0
     while i < steps:
@@ -397,6 +408,17 @@ def distill(student, teacher, x: np.ndarray, config: DistillConfig = DistillConf
             bar.set_postfix(loss=f"{value:.3f}")
         bar.update(1)
         i += 1
+        if deadline is not None and MIN_STEPS <= i < steps and i % DEADLINE_CHECK_EVERY == 0 and \
+                time.perf_counter() - t_start > deadline:
+            if best_weights is not None:
+                for v, w in zip(variables, best_weights):
+                    v.assign(w)
+            reason = "deadline"
+            if not quiet:
+                print(f"distill: stopped at step {i} of {steps}: the run passed {DEADLINE_FACTOR:g}x its time "
+                      f"budget of {_format_seconds(config.time_budget_s)} (the machine slowed down after the "
+                      "timing steps)", file=sys.stderr)
+            break
         if monitor and (i % eval_every == 0 or i == steps):
             value = float(heldout_loss())
             history["heldout_loss"].append((i, value))
