@@ -48,6 +48,8 @@ DATASETS = ("fashion_mnist", "cifar10")
 ARCHS = ("vgg16", "alexnet")
 #: how every table names the data (the CIFAR-10 copy here is re-encoded JPEG, not the original binaries)
 LABELS = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 (JPEG q75 copy)"}
+#: the input each dataset's models are built for (the images' own size)
+INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 CIFAR10_DIR = SHARED / "data" / "cifar10-jpeg"
 RECIPES = Path(__file__).resolve().parent / "recipes"
 OURS_RECIPE = RECIPES / "paper.yaml"
@@ -86,7 +88,7 @@ def load_splits(key: str, cifar10_dir: Path, train_samples=None, test_samples=No
     from toolchain.data import Dataset, load_dataset
 
     spec = "fashion_mnist" if key == "fashion_mnist" else f"images:{cifar10_dir}"
-    ds = load_dataset(spec, input_shape=(32, 32, 3) if key == "cifar10" else None)
+    ds = load_dataset(spec, input_shape=INPUT_SHAPES[key] if key == "cifar10" else None)
     x, y = ds.x_train, ds.y_train
     n_val = int(round(len(x) * VAL_FRACTION))
     if train_samples is not None:  # a subset: keep the validation split in proportion
@@ -148,6 +150,29 @@ def _train(arch, ds, epochs, path, width):
 
 # ------------------------------------------------------------------------------------------------
 # sizes the paper's way
+
+
+def multiply_accumulates(model) -> int:
+    """Multiply-accumulates of one inference through the model's Conv2D and Dense layers (what a
+    step costs, to state each architecture's size next to its table)."""
+    import tensorflow as tf
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense)):
+            kernel = layer.get_weights()[0]
+            positions = int(np.prod(layer.output.shape[1:-1])) if len(layer.output.shape) > 2 else 1
+            total += kernel.size * positions
+    return total
+
+
+def architecture(arch: str, model) -> dict:
+    """What the table states about a model: the zoo's description, its input, parameters and MACs."""
+    from models import ARCHITECTURES
+
+    return {"key": arch, "description": ARCHITECTURES.get(arch).description,
+            "input_shape": list(model.input_shape[1:]), "params": int(model.count_params()),
+            "macs": multiply_accumulates(model)}
 
 
 def packed_bits(model, bits: int) -> dict:
@@ -314,7 +339,7 @@ def run_pair(arch, key, train_ds, test_ds, spec_note, work: Path, epochs, width,
     mag_art = export(mag.model, train_ds, ["tflite-int8", "tflite-sparse"], work / f"{tag}_magnitude", quiet=True)
     for fmt in ("tflite-int8", "tflite-sparse"):
         add("magnitude + int8", fmt, mag_art.artifacts[fmt].path, packed_bits(mag.model, 8),
-            f"{s3:.1%} of weights zero, fine-tuned {fine_tune_epochs} epochs")
+            f"{s3:.1%} of weights zero, fine-tuned {fine_tune_epochs} epoch(s)")
     times["magnitude"] = time.perf_counter() - t
 
     # (4) Yeom et al.-style LRP filter pruning + int8 at ours' packed size
@@ -325,7 +350,7 @@ def run_pair(arch, key, train_ds, test_ds, spec_note, work: Path, epochs, width,
                  source="consumer", samples=relevance_samples, fine_tune_epochs=fine_tune_epochs, quiet=True)
     y_art = export(yeom.model, train_ds, ["tflite-int8"], work / f"{tag}_yeom", quiet=True)
     add("Yeom et al. LRP filters + int8", "tflite-int8", y_art.artifacts["tflite-int8"].path,
-        packed_bits(yeom.model, 8), f"{s4:.1%} of filters per layer, fine-tuned {fine_tune_epochs} epochs")
+        packed_bits(yeom.model, 8), f"{s4:.1%} of filters per layer, fine-tuned {fine_tune_epochs} epoch(s)")
     times["yeom"] = time.perf_counter() - t
 
     fp32 = rows[0]
@@ -335,7 +360,7 @@ def run_pair(arch, key, train_ds, test_ds, spec_note, work: Path, epochs, width,
     times["total"] = time.perf_counter() - t0
     _log(f"{name}: done in {times['total'] / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})")
     return {"name": name, "arch": arch, "data": key, "data_label": LABELS[key], "spec": spec_note,
-            "train": train_info, "test_samples": len(y_test), "rows": rows, "tuning": tuning,
+            "architecture": architecture(arch, model), "train": train_info, "test_samples": len(y_test), "rows": rows, "tuning": tuning,
             "seconds": times, "fine_tune_epochs": fine_tune_epochs, "relevance_samples": relevance_samples}
 
 
@@ -356,7 +381,11 @@ def markdown(results: dict, command: str) -> list:
     s = results["settings"]
     md = [f"Command: `{command}`. Machine: {os.cpu_count()} cores x86_64, SHARED with other jobs while this ran "
           "(times and latencies are upper bounds). Models: the zoo's VGG16- and AlexNet-style CNNs at width "
-          f"{s['width']:g} ({s['epochs']} epochs, Adam 1e-3, batch 64, seed {SEED}); the last {VAL_FRACTION:.0%} of "
+          f"{s['width']:g} ({s['epochs']} epochs, Adam 1e-3, batch 64, seed {SEED}"
+          + ("" if s["train_samples"] is None else
+             f", on the first {s['train_samples']:,} training images only: REDUCED to fit the shared machine")
+          + f"; every pruning flow fine-tunes {s['fine_tune_epochs']} epoch(s) on the same images, relevance from "
+          f"{s['relevance_samples']} of them); the last {VAL_FRACTION:.0%} of "
           "the training data is the validation split every tuning decision is made on; accuracy is on the test "
           f"split{'' if s['test_samples'] is None else ' (first ' + format(s['test_samples'], ',') + ' samples)'}, "
           "in TFLite.", "",
@@ -390,21 +419,37 @@ def markdown(results: dict, command: str) -> list:
             trained = "cached" if t.get("cached") else f"{t['seconds'] / 60:.1f} min"
             tune = "; ".join(f"{e['sparsity']:.0%} filters: val {e['val_accuracy']:.2%} vs float {e['float_val_accuracy']:.2%}"
                              f" ({'kept' if e['passes'] else 'over 1 point'})" for e in case["tuning"])
-            md += [f"- {case['arch']}: trained {t['epochs']} epochs on {t['train_samples']:,} samples "
+            a = case.get("architecture")
+            shape = "x".join(map(str, a["input_shape"])) if a else ""
+            built = (f" (the zoo's, width {t['width_multiplier']:g}: {a['params']:,} parameters, "
+                     f"{a['macs'] / 1e6:.1f} M multiply-accumulates per {shape} image at its native size)") if a else ""
+            noise = 100 * np.sqrt(t["val_accuracy"] * (1 - t["val_accuracy"]) / t["val_samples"])
+            rule = next((r for r in case["rows"] if r["flow"] == "paper's rule"), None)
+            rule_text = (f"The paper's rule here: {rule['reduction_overall']:.1%} overall / {rule['reduction_conv']:.1%} "
+                         f"conv at {rule['accuracy_change_points']:+.2f} points. ") if rule else ""
+            md += [f"- {case['arch']}{built}: trained {t['epochs']} epochs on {t['train_samples']:,} samples "
                    f"(val {t['val_accuracy']:.2%}, {trained}); "
-                   f"test on {case['test_samples']:,} samples; ours tuned on val: {tune}. "
+                   f"test on {case['test_samples']:,} samples; ours tuned on val ({t['val_samples']:,} samples: one "
+                   f"binomial s.d. is {noise:.1f} points vs the {100 * TUNE_MAX_DROP:g}-point bar): {tune}. "
                    f"Ours: {g['overall']:.1%} overall / {g['conv']:.1%} conv at {-g['drop_points']:+.2f} points: "
-                   f"paper's 64% {'met' if g['meets_paper'] else 'MISSED'}, goal 90% {'met' if g['meets_goal'] else 'MISSED'}. "
-                   f"Against the paper: overall {_versus(g['overall'], PAPER_OVERALL)}, conv "
-                   f"{_versus(g['conv'], PAPER_CONV)}. At ours' packed size: {_equal_size(case)}. "
+                   f"paper's 64% {'met' if g['meets_paper'] else 'MISSED'}, goal 90% {'met' if g['meets_goal'] else 'MISSED'} "
+                   f"(both need at most {100 * TUNE_MAX_DROP:g} point lost). "
+                   f"Size alone against the paper's (reported without accuracy loss): overall "
+                   f"{_versus(g['overall'], PAPER_OVERALL)}, conv {_versus(g['conv'], PAPER_CONV)}. {rule_text}"
+                   f"At ours' packed size: {_equal_size(case)}. "
                    f"Time {case['seconds']['total'] / 60:.1f} min (" +
-                   ", ".join(f"{k} {v / 60:.1f}" for k, v in case['seconds'].items() if k != "total") + " min)."]
+                   ", ".join(f"{k} {v / 60:.1f}" + (" (cached)" if k == "train" and t.get("cached") else "")
+                             for k, v in case['seconds'].items() if k != "total") + " min)."]
         md.append("")
     md += [f"- {s}" for s in results.get("skipped", [])]
     md += [f"- Not finished when this file was written ({results.get('total_seconds', 0) / 60:.1f} min into the "
            f"run), so the issue's goals are not measured for: {', '.join(results['pending'])}."] \
         if results.get("pending") else []
-    md += ["", f"Total time of this run: {results.get('total_seconds', 0) / 60:.1f} min."]
+    if results.get("merged_from"):  # runs made one after another, each with its own command
+        md += ["", "Runs merged into this file: " + "; ".join(
+            f"`{m['command']}` {m['total_seconds'] / 60:.1f} min" for m in results["merged_from"]) + "."]
+    else:
+        md += ["", f"Total time of this run: {results.get('total_seconds', 0) / 60:.1f} min."]
     return md
 
 
@@ -499,10 +544,28 @@ def run_experiment(work: Path, datasets=DATASETS, archs=ARCHS, epochs: int = 10,
     return out
 
 
+def reproducible(command: str) -> str:
+    """The command without its ``--results DIR`` (where a run wrote its files does not change them)."""
+    import re
+
+    return re.sub(r"\s+--results(=|\s+)\S+", "", command)
+
+
 def merge(paths, results_dir: Path) -> int:
     """One results file from runs made separately: their cases in order, their settings (which must
-    agree apart from the datasets), the longest total time (they ran side by side)."""
+    agree apart from the datasets), the longest total time (they ran side by side). A case written
+    before cases recorded their architecture gets it from the zoo (parameters and MACs do not
+    depend on the trained weights)."""
+    from models import build_model
+
     runs = [json.loads(p.read_text()) for p in paths]
+    for r in runs:
+        r["command"] = reproducible(r.get("command", "?"))
+        for case in r["cases"].values():
+            if "architecture" not in case:
+                model = build_model(case["arch"], INPUT_SHAPES[case["data"]], 10,
+                                    width_multiplier=case["train"]["width_multiplier"])
+                case["architecture"] = architecture(case["arch"], model)
     out = {"cases": {}, "skipped": [], "pending": [], "settings": runs[0]["settings"], "merged_from": [],
            "total_seconds": max(r.get("total_seconds", 0) for r in runs)}
     for p, r in zip(paths, runs):
@@ -511,7 +574,7 @@ def merge(paths, results_dir: Path) -> int:
         written = r.get("total_seconds", 0) / 60
         out["pending"] += [f"{name} (`{r.get('command', '?')}`, its file last written {written:.0f} min in)"
                            for name in r.get("pending", [])]
-        out["merged_from"].append({"file": str(p), "command": r.get("command"), "total_seconds": r.get("total_seconds")})
+        out["merged_from"].append({"command": r.get("command"), "total_seconds": r.get("total_seconds", 0)})
     command = " ; ".join(r.get("command", "?") for r in runs)
     print(write(out, results_dir, command).read_text())
     return 0
@@ -552,7 +615,7 @@ def main(argv=None) -> int:
     q = QUICK if args.quick else {}
     pick = lambda given, name, default: given if given is not None else q.get(name, default)  # noqa: E731
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    command = ("python benchmarks/paper.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = reproducible(("python benchmarks/paper.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip())
     results_dir = Path(args.results)
     with tempfile.TemporaryDirectory(prefix="paper-") as tmp:
         results = run_experiment(

@@ -114,6 +114,24 @@ def _train_split():
     return (train,)
 
 
+def test_multiply_accumulates_count_every_output_position():
+    import tensorflow as tf
+
+    inputs = tf.keras.Input((8, 8, 2))
+    x = tf.keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = tf.keras.layers.MaxPooling2D(2)(x)
+    outputs = tf.keras.layers.Dense(5)(tf.keras.layers.Flatten()(x))
+    model = tf.keras.Model(inputs, outputs)
+    # conv: 3x3x2 inputs x 4 filters at each of 8x8 positions; dense: 4x4x4 features x 5 units
+    assert paper.multiply_accumulates(model) == 3 * 3 * 2 * 4 * 8 * 8 + 4 * 4 * 4 * 5
+
+
+def test_recorded_command_leaves_out_the_results_folder():
+    assert paper.reproducible("python benchmarks/paper.py --data cifar10 --results /tmp/x --arch vgg16") == \
+        "python benchmarks/paper.py --data cifar10 --arch vgg16"
+    assert paper.reproducible("python benchmarks/paper.py --results=/tmp/x") == "python benchmarks/paper.py"
+
+
 @pytest.mark.parametrize("args, match", [(["--epochs", "0"], "--epochs: '0' must be a positive integer"),
                                          (["--width", "0"], r"--width: 0.0 is not in \(0, 4\]"),
                                          (["--fine-tune-epochs", "-1"], "--fine-tune-epochs: -1 is negative")])
