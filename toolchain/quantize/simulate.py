@@ -37,6 +37,7 @@ Choices, and why:
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -267,7 +268,49 @@ class _PlanLayoutTransform(default_8bit_quantize_layout_transform.Default8BitQua
                 layer_quantize_map[name]["quantize_config"] = config.without_activation()
             elif now is None:
                 layer_quantize_map.setdefault(name, {})["quantize_config"] = config
+        return _named_quantize_layers(model, layer_quantize_map)
+
+
+def _named_quantize_layers(model, layer_quantize_map):
+    """``model`` rebuilt with its input ``QuantizeLayer`` s named ``quantize_layer``,
+    ``quantize_layer_1``, ... in graph order (the names the converter child gives them too).
+
+    tfmot names them from Keras' process-wide layer counter, so a second ``quantize`` in one
+    process wrote ``quantize_layer_1`` into ``model_qat.h5`` (its config, layer and weight names)
+    and identical runs gave different files. The model is rebuilt from its renamed config, not
+    renamed in place: renaming a layer of a built Functional model breaks saving it."""
+    config = model.get_config()
+    quantize_layers = [layer["config"]["name"] for layer in config["layers"] if layer["class_name"] == "QuantizeLayer"]
+    taken = {layer["config"]["name"] for layer in config["layers"]} - set(quantize_layers)
+    free = (name for k in itertools.count() for name in [f"quantize_layer_{k}" if k else "quantize_layer"]
+            if name not in taken)
+    renames: Dict[str, str] = dict(zip(quantize_layers, free))
+    if all(old == new for old, new in renames.items()):
         return model, layer_quantize_map
+    named = type(model).from_config(_renamed_config(config, lambda name: renames.get(name, name)))
+    named.set_weights(model.get_weights())
+    named.use_legacy_config = getattr(model, "use_legacy_config", False)
+    return named, {renames.get(name, name): entry for name, entry in layer_quantize_map.items()}
+
+
+def _renamed_config(config: dict, rename) -> dict:
+    """A Functional or Sequential ``config`` (modified in place and returned) with every layer
+    name, and every reference to one, mapped through ``rename``."""
+    for layer in config["layers"]:
+        if "name" in layer:
+            layer["name"] = rename(layer["name"])
+        layer["config"]["name"] = rename(layer["config"]["name"])
+        for node in layer.get("inbound_nodes", ()):
+            for inbound in node:
+                inbound[0] = rename(inbound[0])
+    for key in ("input_layers", "output_layers"):
+        entries = config.get(key)
+        if entries and isinstance(entries[0], str):  # a single [name, node, tensor]
+            entries[0] = rename(entries[0])
+        else:
+            for entry in entries or ():
+                entry[0] = rename(entry[0])
+    return config
 
 
 #: layers tfmot 0.8's default registry lacks that pass quantized values through unchanged (as its
@@ -294,21 +337,8 @@ def fold_batchnorm(model) -> tf.keras.Model:
     def original(name: str) -> str:
         return name[len(CANONICAL_PREFIX):] if name.startswith(CANONICAL_PREFIX) else name
 
-    config = canonical.get_config()
+    config = _renamed_config(canonical.get_config(), original)
     config["name"] = model.name
-    for layer in config["layers"]:
-        layer["name"] = original(layer["name"])
-        layer["config"]["name"] = original(layer["config"]["name"])
-        for node in layer["inbound_nodes"]:
-            for inbound in node:
-                inbound[0] = original(inbound[0])
-    for key in ("input_layers", "output_layers"):
-        entries = config[key]
-        if entries and isinstance(entries[0], str):  # a single [name, node, tensor]
-            entries[0] = original(entries[0])
-        else:
-            for entry in entries:
-                entry[0] = original(entry[0])
     folded = tf.keras.Model.from_config(config)
     for layer in folded.layers:
         layer.set_weights(canonical.get_layer(CANONICAL_PREFIX + layer.name).get_weights())
