@@ -5,13 +5,14 @@ for every (CPU, kernels) pair and run on QEMU (``-icount``) over the 500 kws01 e
 
 * ``official``  the official MLPerf Tiny full-integer int8 model (../shared/models/mlperf-tiny);
 * ``ours``      ``toolchain compress --target qemu-cortex-m4`` with the microcontroller default recipe
-                (``toolchain.recipe.TARGET_DEFAULTS``: relevance filter pruning + distillation, the
-                relevance allocator over 4/8-bit weights, the MCU model from tflite-mixed with INT4
-                kernels where the plan says <= 4 bits);
+                (``toolchain.recipe.TARGET_DEFAULTS``: relevance filter pruning + distillation, int8
+                weights with quantization-aware fine-tuning, the MCU model from that graph);
 * ``magnitude`` the tfmot-style baseline: magnitude weight pruning (50% of each kernel set to zero,
                 the same distillation) + uniform int8.
 * ``cpu-default`` (with ``--cpu-default``) the CPU/Pi default recipe's MCU bundle (pruned, uniform
-                int8), to measure both defaults on the device.
+                int8), to measure both defaults on the device;
+* ``LABEL``     (with ``--recipe LABEL=FILE``) compress --target qemu-cortex-m4 with a candidate recipe
+                (benchmarks/results/firmware_candidates/*.yaml: the runs that chose the MCU default).
 
 Per row: model bytes in flash, whole-firmware flash (the QEMU harness's embedded test inputs
 excluded), RAM (.data + .bss outside the arena + the arena TFLM used + the measured stack), EMULATED
@@ -21,12 +22,15 @@ Compress outputs are cached under the toolchain cache (``bench-models/firmware``
 the CPU/kernel variants and reruns.
 
     nice -n 10 python benchmarks/firmware.py [--samples 500] [--variants m4:cmsis-nn,m7:reference,...]
+        [--recipe LABEL=FILE ...]   # a candidate recipe as its own row (compress --target qemu-cortex-m4)
 
 Writes benchmarks/results/firmware.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import os
 import sys
@@ -61,10 +65,15 @@ def cache_dir() -> Path:
 
 
 def compressed_model(name: str, recipe: dict, target: str | None) -> tuple:
-    """(the MCU bundle's source .tflite, summary) of one compress run, reused when already built."""
+    """(the MCU bundle's source .tflite, summary) of one compress run, reused when already built: the
+    cache entry is keyed by the effective recipe (the target's defaults merged), so a changed
+    ``TARGET_DEFAULTS`` or recipe file builds anew."""
     from toolchain.compress import run_compress
+    from toolchain.recipe import validate
 
-    out = cache_dir() / name
+    effective = validate(copy.deepcopy(recipe), f"{name} recipe", target)
+    key = hashlib.sha256(json.dumps(effective, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    out = cache_dir() / f"{name}-{key}"
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         t0 = time.perf_counter()
@@ -85,8 +94,13 @@ def main() -> int:
                     help="cpu:kernels pairs, comma-separated")
     ap.add_argument("--models", default="official,ours,magnitude", help="which rows (official,ours,magnitude,cpu-default)")
     ap.add_argument("--cpu-default", action="store_true", help="also the CPU default recipe's MCU bundle")
+    ap.add_argument("--recipe", action="append", default=[], metavar="LABEL=FILE",
+                    help="also a row named LABEL: compress --target qemu-cortex-m4 with the recipe FILE (YAML; "
+                         "its bench stage is switched off, the firmware runs here measure); repeatable")
     ap.add_argument("--name", default="firmware")
     ap.add_argument("--prepare-only", action="store_true", help="run (and cache) the compress runs, measure nothing")
+    ap.add_argument("--note", action="append", default=[], help="a sentence printed under the tables (kept by "
+                    "--append; repeatable), e.g. what the measurements decided")
     ap.add_argument("--append", action="store_true", help="keep the rows of benchmarks/results/NAME.json that this "
                     "run does not measure (other models or variants)")
     args = ap.parse_args()
@@ -96,7 +110,9 @@ def main() -> int:
     ds = load_dataset("kws01")
     x, y = ds.x_eval[:args.samples], ds.y_eval[:args.samples]
     variants = [tuple(v.split(":")) for v in args.variants.split(",")]
-    models = args.models.split(",") + (["cpu-default"] if args.cpu_default else [])
+    models = [m for m in args.models.split(",") if m] + (["cpu-default"] if args.cpu_default else [])
+    recipes = dict(_recipe_row(spec) for spec in args.recipe)
+    models += [m for m in recipes if m not in models]
     tflites, notes = {}, {}
     for m in models:
         if m == "official":
@@ -111,6 +127,12 @@ def main() -> int:
         elif m == "cpu-default":
             path, s = compressed_model("ours-cpu-default", {"bench": {"enabled": False}}, None)
             tflites[m], notes[m] = path, _compress_note(s)
+        elif m in recipes:
+            recipe_file, recipe = recipes[m]
+            path, s = compressed_model(m, recipe, "qemu-cortex-m4")
+            tflites[m], notes[m] = path, {**_compress_note(s), "recipe_file": recipe_file}
+        else:
+            raise SystemExit(f"unknown model {m!r}: official, ours, magnitude, cpu-default or a --recipe LABEL")
     if args.prepare_only:
         return 0
     rows = []
@@ -128,23 +150,37 @@ def main() -> int:
                    "tflite_reference": fw["tflite_reference"], "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ram"}), flush=True)
-    command = "nice -n 10 python benchmarks/firmware.py " + " ".join(sys.argv[1:])
+    command = "nice -n 19 python benchmarks/firmware.py " + " ".join(sys.argv[1:])
     previous = RESULTS / f"{args.name}.json"
+    notes_text = list(args.note)
     if args.append and previous.is_file():  # rows measured by earlier runs (other models or variants) stay
         old = json.loads(previous.read_text())
         if old.get("samples") == len(x):
             fresh = {(r["model"], r["cpu"], r["kernels"]) for r in rows}
             rows = [r for r in old["rows"] if (r["model"], r["cpu"], r["kernels"]) not in fresh] + rows
             notes = {**old.get("models", {}), **notes}
+            notes_text = list(dict.fromkeys(old.get("notes", []) + notes_text))
             command = "; ".join(dict.fromkeys(old.get("command", "").split("; ") + [command.strip()]))
     order = {m: i for i, m in enumerate(LABELS)}
     rows.sort(key=lambda r: ([v for v in VARIANTS].index((r["cpu"], r["kernels"])) if (r["cpu"], r["kernels"]) in VARIANTS
                              else len(VARIANTS), order.get(r["model"], len(order))))
-    write({"samples": int(len(x)), "rows": rows, "models": notes, "command": command.strip(),
+    write({"samples": int(len(x)), "rows": rows, "models": notes, "notes": notes_text, "command": command.strip(),
            "count_kind": "EMULATED INSTRUCTION COUNT (QEMU -icount shift=0; not cycles, not time)",
            "machine_note": "built and emulated on a shared 2-core machine; counts are deterministic, "
                            "wall times are not reported"}, args.name)
     return 0
+
+
+def _recipe_row(spec: str) -> tuple:
+    """``LABEL=FILE`` -> (LABEL, (FILE, the recipe with its bench stage off))."""
+    import yaml
+
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not Path(path).is_file():
+        raise SystemExit(f"--recipe {spec!r}: expected LABEL=FILE with an existing recipe file")
+    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    recipe.setdefault("bench", {})["enabled"] = False
+    return label, (path, recipe)
 
 
 def _compress_note(summary: dict) -> dict:
@@ -159,13 +195,13 @@ def _compress_note(summary: dict) -> dict:
             "headline": summary.get("headline")}
 
 
-def goals(rows: list, cpu: str, kernels: str) -> dict:
-    """Ours against the official model on one variant: flash <= 0.5x, instructions <= 0.5x, accuracy
-    within 1 point."""
+def goals(rows: list, cpu: str, kernels: str, model: str = "ours") -> dict:
+    """``model`` (ours) against the official model on one variant: flash <= 0.5x, instructions <= 0.5x,
+    accuracy within 1 point."""
     pick = {r["model"]: r for r in rows if r["cpu"] == cpu and r["kernels"] == kernels}
-    if "ours" not in pick or "official" not in pick:
+    if model not in pick or "official" not in pick:
         return {}
-    o, r = pick["official"], pick["ours"]
+    o, r = pick["official"], pick[model]
     flash = r["model_flash_bytes"] / o["model_flash_bytes"]
     instr = r["emulated_instructions_per_inference"] / o["emulated_instructions_per_inference"]
     gap = (o["accuracy"] - r["accuracy"]) * 100
@@ -182,6 +218,9 @@ def write(results: dict, name: str = "firmware") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     variants = list(dict.fromkeys((r["cpu"], r["kernels"]) for r in results["rows"]))
     results["goals"] = {f"{c}:{k}": goals(results["rows"], c, k) for c, k in variants}
+    others = list(dict.fromkeys(r["model"] for r in results["rows"] if r["model"] != "official"))
+    results["goals_by_model"] = {m: {f"{c}:{k}": goals(results["rows"], c, k, m) for c, k in variants}
+                                 for m in others}
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
     md = ["# DS-CNN firmware on emulated Cortex-M (TFLite Micro, kws01)", "",
           f"Command(s): `{results['command']}`. Every model is built into bare-metal TFLite Micro firmware "
@@ -203,21 +242,25 @@ def write(results: dict, name: str = "firmware") -> None:
     md += ["", "## Goal for ours vs the official model", "",
            f"Model bytes in flash <= {GOAL_FLASH_RATIO}x, instructions <= {GOAL_INSTRUCTION_RATIO}x, accuracy within "
            f"{GOAL_ACCURACY_POINTS:g} point.", "",
-           "| CPU | kernels | flash ratio | instruction ratio | accuracy gap (points) | met |", "|---|---|---:|---:|---:|---|"]
-    for v, g in results["goals"].items():
-        if not g:
-            continue
-        met = [k for k in ("flash", "instructions", "accuracy") if g[f"{k}_met"]]
-        missed = [k for k in ("flash", "instructions", "accuracy") if not g[f"{k}_met"]]
-        cpu, kernels = v.split(":")
-        md.append(f"| {cpu} | {kernels} | {g['flash_ratio']:.2f}x | {g['instruction_ratio']:.2f}x | "
-                  f"{g['accuracy_gap_points']:+.1f} | met: {', '.join(met) or 'none'}"
-                  + (f"; missed: {', '.join(missed)}" if missed else "") + " |")
+           "| CPU | kernels | model | flash ratio | instruction ratio | accuracy vs official (points) | met |",
+           "|---|---|---|---:|---:|---:|---|"]
+    for v in results["goals"]:
+        for m, by_variant in results["goals_by_model"].items():
+            g = by_variant.get(v)
+            if not g:
+                continue
+            met = [k for k in ("flash", "instructions", "accuracy") if g[f"{k}_met"]]
+            missed = [k for k in ("flash", "instructions", "accuracy") if not g[f"{k}_met"]]
+            cpu, kernels = v.split(":")
+            md.append(f"| {cpu} | {kernels} | {LABELS.get(m, m)} | {g['flash_ratio']:.2f}x | {g['instruction_ratio']:.2f}x | "
+                      f"{-g['accuracy_gap_points']:+.1f} | met: {', '.join(met) or 'none'}"
+                      + (f"; missed: {', '.join(missed)}" if missed else "") + " |")
     measured = {r["model"] for r in results["rows"]}
     missing = [LABELS[m] for m in ("official", "ours", "magnitude") if m not in measured]
-    if missing:
+    if missing and measured <= set(LABELS):  # a file of candidate recipes (--recipe) needs only the official row
         md += ["", f"Not measured in this file yet: {', '.join(missing)} (run the command with `--models` and "
                "`--append`); the goal can only be judged with both ours and the official model."]
+    md += [""] + [f"{n}" for n in results.get("notes", [])] if results.get("notes") else []
     md += ["", "## The models", ""]
     for m, n in results["models"].items():
         if isinstance(n.get("recipe"), str):
@@ -229,7 +272,11 @@ def write(results: dict, name: str = "firmware") -> None:
                      f"(average {n['avg_weight_bits']:.2f})" if bits else "")
                   + (f"; compress took {n['compress_seconds'] / 60:.1f} min (shared machine: an upper bound)"
                      if n.get("compress_seconds") else "")
-                  + (f"; {n['target_defaults']}" if n.get("target_defaults") else "") + ".")
+                  + (f"; recipe file {n['recipe_file']} over the qemu-cortex-m4 defaults: quantize "
+                     + ", ".join(f"{k} {v}" for k, v in n["recipe"]["quantize"].items()
+                                 if k in ("allocator", "bits", "budget", "qat_epochs"))
+                     + f", firmware from {n['recipe']['export']['mcu_source']}" if n.get("recipe_file")
+                     else f"; {n['target_defaults']}" if n.get("target_defaults") else "") + ".")
     (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

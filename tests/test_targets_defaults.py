@@ -19,7 +19,8 @@ def test_mcu_target_defaults_apply(target):
         for key, value in settings.items():
             assert recipe[stage][key] == value, f"{stage}.{key}"
     assert recipe["bench"]["target"] == target
-    assert recipe["quantize"]["allocator"] == "relevance" and min(recipe["quantize"]["bits"]) <= 4
+    # int8 everywhere, fine-tuned with QAT, the firmware from that graph (benchmarks/results/firmware_candidates.md)
+    assert recipe["quantize"]["bits"] == [8] and recipe["quantize"]["qat_epochs"] > 0
     assert recipe["quantize"]["float_layers"] == [] and recipe["export"]["mcu_source"] == "tflite-mixed"
     assert "mcu" in recipe["export"]["formats"]
     # everything the table does not name stays the default recipe's
@@ -39,23 +40,24 @@ def test_user_keys_win_over_target_defaults():
              "bench": {"samples": 50, "kernels": "reference"}}
     recipe = validate(copy.deepcopy(given), "recipe", "qemu-cortex-m4")
     assert recipe["quantize"]["bits"] == [2, 3, 4, 8] and recipe["quantize"]["budget"] == "size-kb=12"
-    assert recipe["quantize"]["allocator"] == "relevance"          # not given: the target's default
+    assert recipe["quantize"]["qat_epochs"] == TARGET_DEFAULTS["mcu"]["quantize"]["qat_epochs"]  # not given
     assert recipe["export"]["mcu_source"] == "tflite-int8"
     assert recipe["bench"]["samples"] == 50 and recipe["bench"]["kernels"] == "reference"
 
 
 def test_recipe_bench_target_chooses_defaults_and_target_argument_overrides_it():
     from_file = validate({"bench": {"target": "qemu-cortex-m7"}})
-    assert from_file["quantize"]["allocator"] == "relevance" and from_file["bench"]["target"] == "qemu-cortex-m7"
+    assert from_file["export"]["mcu_source"] == "tflite-mixed" and from_file["bench"]["target"] == "qemu-cortex-m7"
     # --target wins over the recipe's bench.target, and its kind picks the defaults
     moved = validate({"bench": {"target": "qemu-cortex-m7"}}, "recipe", "local")
-    assert moved["bench"]["target"] == "local" and moved["quantize"]["allocator"] == DEFAULT_RECIPE["quantize"]["allocator"]
+    assert moved["bench"]["target"] == "local" and moved["export"]["mcu_source"] == DEFAULT_RECIPE["export"]["mcu_source"]
+    assert moved["quantize"]["qat_epochs"] == DEFAULT_RECIPE["quantize"]["qat_epochs"]
 
 
 def test_defaults_table_never_mutates_the_default_recipe():
     before = copy.deepcopy(DEFAULT_RECIPE)
     defaults_for("qemu-cortex-m4")["quantize"]["bits"].append(2)
-    assert DEFAULT_RECIPE == before and TARGET_DEFAULTS["mcu"]["quantize"]["bits"] == [4, 8]
+    assert DEFAULT_RECIPE == before and TARGET_DEFAULTS["mcu"]["quantize"]["bits"] == [8]
 
 
 def test_float_layers_with_the_mixed_mcu_source_are_refused_with_the_fix():
@@ -63,6 +65,32 @@ def test_float_layers_with_the_mixed_mcu_source_are_refused_with_the_fix():
         validate({"quantize": {"float_layers": ["first"]}}, "recipe", "qemu-cortex-m4")
     with pytest.raises(ConfigError, match="export.mcu_source: tflite-int8 or enable quantize"):
         validate({"quantize": {"enabled": False}}, "recipe", "qemu-cortex-m4")
+
+
+def test_the_int4_recipe_the_mcu_example_names_is_valid_on_a_firmware_target():
+    """INT4 left the MCU default; the flash-budget recipe its example text gives must still validate."""
+    text = example("qemu-cortex-m4")
+    line = next(l for l in text.splitlines() if "allocator: relevance" in l and "size-kb" in l)
+    given = yaml.safe_load(line.lstrip("# ").replace("size-kb=K", "size-kb=20"))
+    recipe = validate(given, "recipe", "qemu-cortex-m4")
+    assert recipe["quantize"]["allocator"] == "relevance" and 4 in recipe["quantize"]["bits"]
+    assert recipe["export"]["mcu_source"] == "tflite-mixed"   # packed INT4 reaches the firmware
+
+
+def test_qat_epochs_on_a_task_without_classes_is_refused_or_dropped():
+    """QAT fine-tunes with the classification loss: the MCU default's epochs are dropped for another
+    task (and the summary says so); epochs the recipe sets for one are refused with the fix."""
+    from types import SimpleNamespace
+
+    from toolchain.compress import _qat_for_task
+
+    autoencoder = SimpleNamespace(is_classification=False, task="autoencoder")
+    mcu = validate({}, "recipe", "qemu-cortex-m4")
+    note = _qat_for_task(mcu, autoencoder)
+    assert mcu["quantize"]["qat_epochs"] == 0 and "qat_epochs: 0 for this autoencoder task" in note
+    assert _qat_for_task(validate({}, "recipe", "qemu-cortex-m4"), SimpleNamespace(is_classification=True)) is None
+    with pytest.raises(ConfigError, match=r"quantize.qat_epochs: 2 .* autoencoder task; set quantize.qat_epochs: 0"):
+        _qat_for_task(validate({"quantize": {"qat_epochs": 2}}), autoencoder)
 
 
 def test_example_shows_the_target_overrides():

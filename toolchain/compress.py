@@ -294,8 +294,8 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
     """The whole pipeline. ``task`` (classification | regression | autoencoder) overrides the recipe's
     ``task`` key, whose ``auto`` infers it from the model and data (``toolchain.task``). ``target``
     overrides the recipe's ``bench.target`` and chooses the defaults the recipe is merged over
-    (``toolchain.recipe.TARGET_DEFAULTS``: a microcontroller target gets relevance-chosen 4/8-bit
-    weights and an INT4 firmware). ``reference`` (or ``bench.reference``): an integer .tflite, e.g. the
+    (``toolchain.recipe.TARGET_DEFAULTS``: a microcontroller target gets int8 weights fine-tuned with
+    QAT and a firmware made from that graph). ``reference`` (or ``bench.reference``): an integer .tflite, e.g. the
     official int8 model, built and run as firmware beside ours on a microcontroller target."""
     from toolchain.export import export, parse_formats
     from toolchain.export.convert_worker import converter_session
@@ -338,6 +338,7 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
         if target_kind(recipe["bench"]["target"]) == "mcu":
             bench_target.check()  # a missing compiler, QEMU or kit is named (with its Debian package) now
             _check_reference(recipe["bench"]["reference"])
+    qat_note = _qat_for_task(recipe, dataset)
     m_hash, d_hash = model_hash(model), dataset.content_hash()
     from toolchain.task import primary_metric
 
@@ -346,6 +347,8 @@ def run_compress(model_path: str, data_spec: str, out: str, recipe_path: Union[N
                      "metric": primary_metric(dataset.task, dataset.anomaly_eval is not None)[0], "recipe": recipe,
                      "versions": library_versions(), "cached_stages": [],
                      "target_defaults": _target_defaults_text(recipe["bench"]["target"])}
+    if qat_note:
+        summary["target_defaults"]["text"] += f"; {qat_note}"
 
     # one converter child process serves the baseline's and the compressed model's exports
     with staged_output(out_dir) as stage, converter_session():
@@ -671,6 +674,23 @@ def _bench_rows(rows, data_spec, data_dir, b, bench_dir: Path, quiet) -> None:
         first = result.measurements[0]
         row.update({"p50_ms": first.p50_ms, "p99_ms": first.p99_ms, "peak_rss_mb": first.peak_rss_mib,
                     "bench_config": first.config.label(), "emulated": result.emulated})
+
+
+def _qat_for_task(recipe: dict, dataset) -> Optional[str]:
+    """QAT fine-tunes with the classification loss (``quantize.simulate.fine_tune``). A microcontroller
+    default's QAT epochs apply to classifiers only (other tasks: none, said in the summary); QAT epochs
+    the recipe sets for another task are refused with the fix."""
+    from toolchain.recipe import TARGET_DEFAULTS, target_kind
+
+    q = recipe["quantize"]
+    if not (q["enabled"] and q["qat_epochs"]) or dataset.is_classification:
+        return None
+    default = TARGET_DEFAULTS[target_kind(recipe["bench"]["target"])].get("quantize", {}).get("qat_epochs")
+    if q["qat_epochs"] != default:
+        raise ConfigError(f"quantize.qat_epochs: {q['qat_epochs']} fine-tunes with the classification loss and "
+                          f"this is a {dataset.task} task; set quantize.qat_epochs: 0")
+    q["qat_epochs"] = 0
+    return f"quantize.qat_epochs: 0 for this {dataset.task} task (QAT fine-tunes with the classification loss)"
 
 
 def _target_defaults_text(target: str) -> dict:

@@ -44,8 +44,14 @@ DEFAULT_RECIPE: Dict[str, Any] = {
 #: (TFLM's integer kernels take no float layer). ONNX artifacts are dropped: no MCU runs them.
 TARGET_DEFAULTS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "cpu": {},
+    # int8 everywhere with 3 QAT epochs, firmware from the QAT graph: DS-CNN on QEMU M4 CMSIS-NN
+    # (benchmarks/results/firmware_candidates.md) 0.45x the official model's bytes, 0.42x its
+    # instructions, within 1 point of it; INT4 (relevance 4/8 at avg-bits=6) saved 1.7 KB more model
+    # but took 1.55x the instructions and 16 KB more firmware (generic kernels). INT4 is for a flash
+    # budget: quantize: {allocator: relevance, bits: [4, 8], budget: size-kb=K} (docs/recipes.md)
     "mcu": {
-        "quantize": {"allocator": "relevance", "bits": [4, 8], "budget": "avg-bits=6", "float_layers": []},
+        "quantize": {"allocator": "uniform", "bits": [8], "budget": "avg-bits=8", "qat_epochs": 3,
+                     "float_layers": []},
         "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed", "mcu"], "mcu_source": "tflite-mixed"},
         "bench": {"samples": 200},
     },
@@ -82,8 +88,12 @@ def example(target: Optional[str] = None) -> str:
     text = yaml.safe_dump({**copy.deepcopy(overrides),
                            "bench": {**overrides.get("bench", {}), "target": target}}, sort_keys=False,
                            default_flow_style=None)
-    return (EXAMPLE + f"\n# --- {target}: these defaults replace the ones above (a microcontroller's flash is\n"
-            "# the limit: relevance-chosen 4/8-bit weights, INT4 packed in the firmware; no float layers).\n"
+    return (EXAMPLE + f"\n# --- {target}: these defaults replace the ones above: int8 everywhere (TFLM's integer\n"
+            "# kernels take no float layer; CMSIS-NN's int8 kernels are its fastest and smallest), 3 epochs of\n"
+            "# quantization-aware training on the labelled training split (classifiers only), the firmware\n"
+            "# made from that graph. For a flash budget the int8 model misses, let the relevance allocator\n"
+            "# store the least relevant layers as packed INT4 (less flash, more instructions on an M4):\n"
+            "#   quantize: {allocator: relevance, bits: [4, 8], budget: size-kb=K}\n"
             "# Keys you set in your recipe still win.\n" + text)
 
 EXAMPLE = """\

@@ -65,7 +65,8 @@ def test_compress_target_qemu_cortex_m4_reports_firmware(tflm_m4_cmsis, digits_m
     summary = json.loads((out / "summary.json").read_text())
     # the microcontroller defaults were applied under the user's keys, and the summary says so
     assert summary["target_defaults"]["kind"] == "mcu"
-    assert summary["recipe"]["quantize"]["allocator"] == "relevance"
+    assert summary["recipe"]["quantize"]["bits"] == [8] and summary["recipe"]["quantize"]["qat_epochs"] > 0
+    assert summary["quantize"]["qat_epochs"] == summary["recipe"]["quantize"]["qat_epochs"]
     assert summary["recipe"]["export"]["mcu_source"] == "tflite-mixed"
     assert summary["recipe"]["prune"]["sparsity"] == 0.2   # the user's key
     assert summary["mcu"]["source"]["format"] == "tflite-mixed"
