@@ -112,3 +112,61 @@ def test_a_graph_simulated_for_another_plan_is_refused(simulated, tmp_path):
         export_tflite_mixed(small_cnn(), edited, tmp_path / "x.tflite", calib(CALIBRATION_SAMPLES),
                             qat_model=simulated["low"].model)
     assert not (tmp_path / "x.tflite").exists()
+
+
+def _avgpool_cnn():
+    """Conv2D + ReLU, AveragePooling2D, Dense: TFLite's AVERAGE_POOL_2D writes its output on its
+    input's grid (the case where the simulation used a finer grid of its own)."""
+    tf.keras.utils.set_random_seed(0)
+    L = tf.keras.layers
+    inp = L.Input((8, 8, 1), name="input")
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inp)
+    x = L.AveragePooling2D(4, name="avgpool")(x)
+    x = L.Flatten(name="flatten")(x)
+    out = L.Dense(10, activation="softmax", name="fc")(x)
+    model = tf.keras.Model(inp, out, name="avgpool_cnn")
+    model.compile(tf.keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    ds = digits()
+    model.fit(ds.x_train, ds.y_train, epochs=3, batch_size=64, verbose=0, shuffle=False)
+    return model
+
+
+def test_average_pooling_and_every_activation_grid_reach_the_artifacts(tmp_path):
+    """The simulated average pool rounds to its input's grid (after QAT too), tflite-mixed needs no
+    requantization after it, and onnx-mixed quantizes every activation on the simulated grid
+    instead of ranges ORT calibrates itself."""
+    import onnx
+
+    from toolchain.export.flatbuffer import read_flatbuffer
+    from toolchain.quantize.simulate import activation_grids
+
+    model, ds = _avgpool_cnn(), digits()
+    plan = BitPlan({"conv": LayerBits(4), "fc": LayerBits(8)})
+    result = quantize(model, plan, ds, qat_epochs=1, calibration_samples=CALIBRATION_SAMPLES, quiet=True)
+    grids = activation_grids(result.model)
+    assert grids["avgpool"] == grids["conv"], grids
+
+    tfl = export_tflite_mixed(model, plan, tmp_path / "m.tflite", calib(CALIBRATION_SAMPLES), qat_model=result.model)
+    info = read_flatbuffer(tfl.path.read_bytes())
+    assert "QUANTIZE" not in [op.op for op in info.ops[1:-1]], info.op_names()
+    pool = next(op for op in info.ops if op.op == "AVERAGE_POOL_2D")
+    scales = [info.tensors[i].scales for i in (pool.inputs[0], pool.outputs[0])]
+    assert scales[0] == scales[1] and scales[0][0] == pytest.approx(grids["conv"].scale, rel=1e-6), scales
+
+    onx = export_onnx_mixed(model, calib(CALIBRATION_SAMPLES), plan, tmp_path / "m.onnx", qat_model=result.model)
+    proto = onnx.load(str(onx.path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    quantized = {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]]))
+                 for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    for key, ops in (("conv", ("Relu", "Conv")), ("avgpool", ("AveragePool",)), ("fc/pre", ("Gemm", "MatMul", "Add"))):
+        layer = key.split("/")[0]
+        tensor = next(t for t in quantized if t in producer and producer[t].op_type in ops
+                      and f"/{layer}/" in producer[t].name)
+        assert quantized[tensor] == pytest.approx((grids[key].scale, grids[key].zero_point), rel=1e-6), (key, tensor)
+
+    sim = predict(result.model, ds.x_eval).argmax(1)
+    for fmt, art in (("tflite-mixed", tfl), ("onnx-mixed", onx)):
+        agree = float(np.mean(run_onnx(art.path, ds.x_eval).argmax(1) == sim)) if fmt == "onnx-mixed" else \
+            float(np.mean(run_tflite(art.path, ds.x_eval).argmax(1) == sim))
+        assert agree >= MIN_TOP1_AGREEMENT, f"{fmt}: top-1 agrees with the simulation on {agree:.3f}"

@@ -759,8 +759,50 @@ def check_read_back(layers: Mapping[str, dict], requests: Sequence[LayerRequest]
                               "artifact was not written")
 
 
-def quantize_requests(pre, calib: np.ndarray, requests: Sequence[LayerRequest], work: Path):
-    """Quantize the pre-processed graph for ``requests``; return (model, per-layer read-back)."""
+#: ONNX ops that apply a squashing activation after a kernel (the simulated grid is before them)
+_SQUASHING_OPS = ("Softmax", "Sigmoid", "Tanh")
+
+
+def activation_overrides(pre, grids: Mapping[str, object]) -> dict:
+    """``TensorQuantOverrides`` giving each activation tensor of ``pre`` the simulated graph's grid
+    (``toolchain.quantize.simulate.activation_grids``) instead of a range ORT calibrates itself.
+
+    tf2onnx names a layer's nodes ``<model>/<layer>/<op>``: a layer's output is the last node of
+    its group, its pre-activation (``<layer>/pre``) the last one that is not a squashing activation;
+    the model input is the graph input. Only 8-bit grids are given (wider ones keep their quant
+    type override and ORT's range)."""
+    groups: Dict[str, list] = {}
+    for node in pre.graph.node:
+        parts = node.name.split("/")
+        for part in parts[1:-1]:
+            groups.setdefault(part, []).append(node)
+    out: dict = {}
+
+    def put(tensor: str, grid) -> None:
+        if grid.bits == 8 and tensor not in out:
+            out[tensor] = [{"scale": np.array(grid.scale, dtype=np.float32),
+                            "zero_point": np.array(grid.zero_point, dtype=np.uint8)}]
+
+    if "__input__" in grids and len(pre.graph.input) == 1:
+        put(pre.graph.input[0].name, grids["__input__"])
+    for key, grid in grids.items():
+        layer, _, pre_act = key.partition("/")
+        nodes = groups.get(layer)
+        if not nodes:
+            continue
+        if pre_act:
+            nodes = [n for n in nodes if n.op_type not in _SQUASHING_OPS]
+            if nodes:
+                put(nodes[-1].output[0], grid)
+        elif nodes[-1].op_type not in _SQUASHING_OPS:
+            put(nodes[-1].output[0], grid)
+    return out
+
+
+def quantize_requests(pre, calib: np.ndarray, requests: Sequence[LayerRequest], work: Path,
+                      activation_grids: Optional[Mapping[str, object]] = None):
+    """Quantize the pre-processed graph for ``requests``; return (model, per-layer read-back).
+    ``activation_grids`` (the simulated graph's) fix the activation scales ORT would calibrate."""
     import onnx
 
     needs_wide = any(r.weight_storage in ("int4", "int16") or r.activation_bits == 16 for r in requests)
@@ -773,6 +815,9 @@ def quantize_requests(pre, calib: np.ndarray, requests: Sequence[LayerRequest], 
                                   f"Q/DQ, but the graph cannot be converted from opset {_opset(pre)} "
                                   f"({type(e).__name__}: {e}); plan those layers at 8 bits") from e
     overrides, exclude = build_overrides(pre, requests)
+    if activation_grids:
+        for tensor, entry in activation_overrides(pre, activation_grids).items():
+            overrides.setdefault(tensor, entry)
     q = _quantize(pre, calib, work, overrides, exclude)
     layers = _read_back(q, {r.layer: r.kernel for r in requests})
     for r in requests:
@@ -816,11 +861,13 @@ def export_onnx_mixed(model, calib_x, plan, out_path, opset: int = 13, qat_model
     The float graph is the simulated graph's (``qat_model``, else built from ``plan``; see
     ``toolchain.quantize.simulate.simulated_graph``) with its rounded kernels, and each kernel's
     per-channel scales are its simulated steps, so the stored integers are the simulated codes
-    (checked, ``check_grid``); activation ranges are calibrated by ORT on ``calib_x``. Layers not
+    (checked, ``check_grid``); activation scales are the simulated graph's (``activation_overrides``;
+    ORT calibrates on ``calib_x`` only tensors the simulation has no grid for). Layers not
     in the plan get 8 bits. Raises ``ConversionError`` naming every layer whose requested
     precision the file does not hold (nothing is written then).
     """
-    from toolchain.quantize.simulate import complete_plan, kernel_grids, simulated_graph, strip_quantization
+    from toolchain.quantize.simulate import (activation_grids, complete_plan, kernel_grids, simulated_graph,
+                                             strip_quantization)
 
     calib = _check_calibration(calib_x, model.input_shape)
     qat = simulated_graph(model, plan, calib, qat_model)
@@ -830,7 +877,7 @@ def export_onnx_mixed(model, calib_x, plan, out_path, opset: int = 13, qat_model
     with tempfile.TemporaryDirectory(prefix="onnx-mixed-") as tmp:
         pre = _preprocess(fp32, Path(tmp))
         requests = plan_requests(rounded, pre, complete_plan(rounded, plan), grids)
-        q, layers = quantize_requests(pre, calib, requests, Path(tmp))
+        q, layers = quantize_requests(pre, calib, requests, Path(tmp), activation_grids(qat))
     check_read_back(layers, requests)
     check_grid(q, requests)
     for name in layers:
@@ -841,6 +888,8 @@ def export_onnx_mixed(model, calib_x, plan, out_path, opset: int = 13, qat_model
     path = write_bytes_atomic(out_path, data)
     meta = _quant_metadata("onnx-mixed", q, calib, dict(sorted(layers.items())))
     meta["weight_type"] = "mixed"
+    meta["calibration_method"] = "the simulated graph's activation grids (MinMax on the calibration samples " \
+                                 "for tensors it has none for)"
     meta["bitplan"] = {"allocator": plan.allocator, "budget": plan.budget, "granularity": plan.granularity}
     meta["simulated_graph"] = "given (quantize stage)" if qat_model is not None else "built from the plan"
     return make_artifact("onnx-mixed", path, meta)
