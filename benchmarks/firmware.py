@@ -103,7 +103,14 @@ def main() -> int:
                     "--append; repeatable), e.g. what the measurements decided")
     ap.add_argument("--append", action="store_true", help="keep the rows of benchmarks/results/NAME.json that this "
                     "run does not measure (other models or variants)")
+    ap.add_argument("--render-only", action="store_true", help="measure nothing: rewrite NAME.md from NAME.json "
+                    "(with any --note added)")
     args = ap.parse_args()
+    if args.render_only:
+        results = json.loads((RESULTS / f"{args.name}.json").read_text())
+        results["notes"] = list(dict.fromkeys(results.get("notes", []) + args.note))
+        write(results, args.name)
+        return 0
     from deploy.targets.qemu_cortex_m import measure_firmware
     from toolchain.data import load_dataset
 
@@ -260,7 +267,8 @@ def write(results: dict, name: str = "firmware") -> None:
     if missing and measured <= set(LABELS):  # a file of candidate recipes (--recipe) needs only the official row
         md += ["", f"Not measured in this file yet: {', '.join(missing)} (run the command with `--models` and "
                "`--append`); the goal can only be judged with both ours and the official model."]
-    md += [""] + [f"{n}" for n in results.get("notes", [])] if results.get("notes") else []
+    for note in results.get("notes", []):
+        md += ["", note]
     md += ["", "## The models", ""]
     for m, n in results["models"].items():
         if isinstance(n.get("recipe"), str):
