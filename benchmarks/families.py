@@ -392,6 +392,9 @@ def markdown(results: dict) -> str:
     if any(r.get("previous_default") for r in results["rows"]):
         md += ["", "(previous default): measured before the default recipe distilled on the whole training "
                    "split and backed off its sparsity on the calibration split; not rerun since."]
+    notes = [f"- {r['family']}: {r['note']}" for r in results["rows"] if r.get("note")]
+    if notes:
+        md += ["", "Notes on single rows:", ""] + notes
     md += ["", f"Total: {results['seconds'] / 60:.1f} min."]
     return "\n".join(md) + "\n"
 
