@@ -40,8 +40,10 @@ def tflm_m4_cmsis():
 @pytest.fixture(scope="session")
 def tiny_int8_cnn(tmp_path_factory):
     """A tiny int8 CNN (conv, depthwise, pool, dense, softmax) converted with full-integer
-    quantization, and float inputs for it."""
+    quantization (the toolchain's tflite-int8, int8 I/O), and float inputs for it."""
     import tensorflow as tf
+
+    from toolchain.export.tflite_backend import convert
 
     rng = np.random.default_rng(0)
     tf.keras.utils.set_random_seed(0)
@@ -54,14 +56,8 @@ def tiny_int8_cnn(tmp_path_factory):
         tf.keras.layers.Dense(5, activation="softmax"),
     ])
     x = rng.standard_normal((40, 12, 12, 1)).astype(np.float32)
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([x[i:i + 1]] for i in range(len(x)))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
     path = tmp_path_factory.mktemp("tiny") / "tiny_int8.tflite"
-    path.write_bytes(converter.convert())
+    path.write_bytes(convert(model, "int8", x, io="int8"))
     return path, x[:8]
 
 

@@ -35,21 +35,14 @@ def digits_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_int8(digits_model, tmp_path_factory):
     """The digits model as a plain full-integer int8 TFLite: the "official" model to compare with."""
-    import tensorflow as tf
-
     from toolchain.data import load_dataset
+    from toolchain.export.tflite_backend import convert
     from toolchain.model_io import load_model
 
     model = load_model(str(digits_model))
     x = load_dataset("digits").x_train[:100].astype(np.float32)
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([x[i:i + 1]] for i in range(len(x)))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
     path = tmp_path_factory.mktemp("ref") / "reference_int8.tflite"
-    path.write_bytes(converter.convert())
+    path.write_bytes(convert(model, "int8", x, io="int8"))
     return path
 
 
