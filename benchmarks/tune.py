@@ -9,7 +9,8 @@ Parts (``--parts``, each merged into the results file as it finishes):
   trial's flash bytes and accuracy against the reproduction's;
 * ``one``: ``--throughput-trials`` trials with 1 local worker (trials per hour);
 * ``cluster``: the same on a local Ray cluster started here (``ray start --head --block
-  --num-cpus=2`` in its own session, ended by its process group afterwards) via ``--address``.
+  --num-cpus=2`` in its own session, ended by its process group afterwards:
+  ``toolchain.tune.cluster.local_ray_cluster``) via ``--address``.
 
 Every part starts from an empty stage cache, so trials per hour include each part's relevance and
 pruning. The model is benchmarks/families.py's digits CNN (30 epochs, cached). The trials' recipe
@@ -28,9 +29,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,8 +55,6 @@ RUN_NOTE = ("The search and cluster parts below ran with toolchain tune as of co
             "1-worker part ran after b38403c: its one trial (the base recipe, sparsity 0.5 int8) ran under the "
             "1-point guard, so the pruning backoff went to sparsity 0.3: 37,856 B at -0.67 points (breaks the "
             "flash limit), where the loose-guard trials above kept 0.5: 22,360 B at -2.22 points.")
-#: a loaded 2-core machine starts a Ray head in 10-60 s
-RAY_START_TIMEOUT_S = 300
 
 
 def _tune(model: Path, work: Path, name: str, trials: int, constraints, **kwargs) -> dict:
@@ -142,45 +138,13 @@ def part_one(model: Path, work: Path, trials: int, constraints) -> dict:
 
 
 def part_cluster(model: Path, work: Path, trials: int, constraints) -> dict:
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
-    # Ray 2.60 clusters authenticate with a token (~/.ray/auth_token): the head and this driver both use it
-    os.environ["RAY_AUTH_MODE"] = "token"
-    temp = Path("/tmp") / f"raybench{os.getpid()}"
-    port = 6900 + os.getpid() % 500
-    head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus=2", f"--port={port}", f"--temp-dir={temp}",
-                             "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + RAY_START_TIMEOUT_S
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline or head.poll() is not None:
-                raise RuntimeError(f"the Ray head did not start on port {port}")
-            time.sleep(1)
-        time.sleep(3)
-        got = _tune(model, work, "cluster", trials, constraints, address=f"127.0.0.1:{port}")
-    finally:
-        _stop_head(head)
-        shutil.rmtree(temp, ignore_errors=True)
+    from toolchain.tune.cluster import local_ray_cluster
+
+    with local_ray_cluster(num_cpus=2) as address:
+        got = _tune(model, work, "cluster", trials, constraints, address=address)
     got.pop("result")
     got.pop("tune")
     return got
-
-
-def _stop_head(head: subprocess.Popen, grace_s: float = 60) -> None:
-    """End the Ray head this run started: its process group (``ray start --block`` and the cluster
-    processes it spawned), politely first."""
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)  # whatever of the group outlived the grace period
-    except ProcessLookupError:
-        pass
 
 
 def markdown(results: dict) -> str:

@@ -3,13 +3,8 @@
 The searches (Ray started by the command, and a two-worker local Ray cluster started by the test)
 run real `compress` trials and take minutes on a shared 2-core machine: they are marked slow."""
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,8 +23,6 @@ FAST_RECIPE = {"relevance": {"samples": 100}, "prune": {"distill_steps": 0, "fin
 #: the digits CNN's headline TFLite is ~22 kB at the default sparsity 0.5 and int8 (the first trial),
 #: ~66 kB barely pruned: a limit some recipes meet and others break
 FLASH_LIMIT = "flash<=24KB"
-#: a loaded 2-core machine starts a Ray head in 10-60 s
-RAY_START_TIMEOUT_S = 240
 
 
 def test_constraints_parse_with_units():
@@ -184,58 +177,28 @@ def test_tune_finds_a_recipe_meeting_flash_and_compress_reproduces_it(digits_mod
 
 
 @pytest.mark.slow
-def test_tune_on_a_local_ray_cluster_of_two_worker_processes(digits_model, tmp_path, capsys, monkeypatch):
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
-    if ray is None:
+def test_tune_on_a_local_ray_cluster_of_two_worker_processes(digits_model, tmp_path, capsys):
+    from toolchain.tune.cluster import local_ray_cluster, ray_cli
+
+    if ray_cli() is None:
         pytest.skip("the ray CLI is not installed beside this Python (pip install -r requirements.txt)")
-    # Ray 2.60 clusters authenticate with a token (~/.ray/auth_token): the head and this driver both use it
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    temp = Path("/tmp") / f"raytest{os.getpid()}"  # Ray's socket paths must stay short
-    port = 6390 + os.getpid() % 500
-    # --block keeps `ray start` in the foreground as the parent of the cluster's processes, in a
-    # session of its own: the test ends exactly those processes (never `ray stop`, which stops
-    # every Ray on the machine)
-    head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
-                             f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _wait_for_port(port, head)
+    with local_ray_cluster(num_cpus=2) as address:
         out = tmp_path / "tune"
         code = main(["tune", "--model", str(digits_model), "--data", "digits", "--recipe",
                      str(_fast_recipe(tmp_path)), "--constraint", FLASH_LIMIT, "--trials", "2",
-                     "--address", f"127.0.0.1:{port}", "--out", str(out)])
+                     "--address", address, "--out", str(out)])
         assert code in (0, 3), capsys.readouterr().err
-        doc = json.loads((out / "tune.json").read_text())
-        assert doc["ray"] == f"127.0.0.1:{port}" and doc["concurrent_trials"] == 2
-        trials = json.loads((out / "trials.json").read_text())
-        assert len(trials) == 2 and all(t["numbers"]["flash_bytes"] > 0 for t in trials)
-    finally:
-        _stop_head(head)
-        shutil.rmtree(temp, ignore_errors=True)
+    doc = json.loads((out / "tune.json").read_text())
+    assert doc["ray"] == address and doc["concurrent_trials"] == 2
+    trials = json.loads((out / "trials.json").read_text())
+    assert len(trials) == 2 and all(t["numbers"]["flash_bytes"] > 0 for t in trials)
 
 
-def _wait_for_port(port: int, head: subprocess.Popen, timeout_s: float = RAY_START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            pytest.fail(f"ray start --head exited with {head.returncode}: {head.stderr.read().decode()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                time.sleep(2)  # the GCS listens before the raylet has registered
-                return
-        time.sleep(1)
-    pytest.fail(f"the Ray head did not listen on port {port} within {timeout_s} s")
+def test_local_ray_cluster_without_the_ray_cli_names_the_fix(monkeypatch):
+    from toolchain.errors import TargetUnavailableError
+    from toolchain.tune import cluster
 
-
-def _stop_head(head: subprocess.Popen, grace_s: float = 60) -> None:
-    """End the Ray head this run started: its process group (``ray start --block`` and the cluster
-    processes it spawned), politely first."""
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)  # whatever of the group outlived the grace period
-    except ProcessLookupError:
-        pass
+    monkeypatch.setattr(cluster, "ray_cli", lambda: None)
+    with pytest.raises(TargetUnavailableError, match="pip install -r requirements.txt"):
+        with cluster.local_ray_cluster():
+            pytest.fail("the cluster block ran without a ray command")
