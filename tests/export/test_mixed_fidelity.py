@@ -21,6 +21,11 @@ MAX_ACCURACY_GAP = 0.005
 #: top-1 decisions an artifact may change vs the simulated graph (integer arithmetic of the runtime)
 MIN_TOP1_AGREEMENT = 0.98
 CALIBRATION_SAMPLES = 200
+#: onnx-mixed vs the simulation, per probability: two steps of its uint8 softmax output (1/255), one
+#: for rounding the softmax output and one for a rare integer tie ORT rounds the other way (measured:
+#: a 4x4 average pool, 16 values and so many exact .5 averages, put 97 of 4,500 probabilities more
+#: than one step off; a 3x3 pool 4, by at most 0.0041)
+ONNX_OUTPUT_ATOL = 2 / 255 + 1e-6
 QAT_EPOCHS = 2
 
 #: 4 and 8 bits mixed within layers: Dense fc1 is per tensor with two groups (the case where the
@@ -121,7 +126,7 @@ def _avgpool_cnn():
     L = tf.keras.layers
     inp = L.Input((8, 8, 1), name="input")
     x = L.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inp)
-    x = L.AveragePooling2D(4, name="avgpool")(x)
+    x = L.AveragePooling2D(3, name="avgpool")(x)  # 9 values, as DS-CNN's 125: an odd count has no .5 averages
     x = L.Flatten(name="flatten")(x)
     out = L.Dense(10, activation="softmax", name="fc")(x)
     model = tf.keras.Model(inp, out, name="avgpool_cnn")
@@ -165,8 +170,12 @@ def test_average_pooling_and_every_activation_grid_reach_the_artifacts(tmp_path)
                       and f"/{layer}/" in producer[t].name)
         assert quantized[tensor] == pytest.approx((grids[key].scale, grids[key].zero_point), rel=1e-6), (key, tensor)
 
-    sim = predict(result.model, ds.x_eval).argmax(1)
-    for fmt, art in (("tflite-mixed", tfl), ("onnx-mixed", onx)):
-        agree = float(np.mean(run_onnx(art.path, ds.x_eval).argmax(1) == sim)) if fmt == "onnx-mixed" else \
-            float(np.mean(run_tflite(art.path, ds.x_eval).argmax(1) == sim))
-        assert agree >= MIN_TOP1_AGREEMENT, f"{fmt}: top-1 agrees with the simulation on {agree:.3f}"
+    sim = predict(result.model, ds.x_eval)
+    agree = float(np.mean(run_tflite(tfl.path, ds.x_eval).argmax(1) == sim.argmax(1)))
+    assert agree >= MIN_TOP1_AGREEMENT, f"tflite-mixed: top-1 agrees with the simulation on {agree:.3f}"
+    # ORT's integer kernels round once, as the simulation does, and the biases are on the stored
+    # grid: onnx-mixed computes the simulation up to its quantized softmax output
+    off = np.abs(run_onnx(onx.path, ds.x_eval) - sim)
+    assert off.max() <= ONNX_OUTPUT_ATOL, (
+        f"onnx-mixed: {int(np.sum(off > ONNX_OUTPUT_ATOL))} of {off.size} probabilities differ from the "
+        f"simulation by more than one output step, worst {off.max():.4f} at sample {int(off.max(1).argmax())}")

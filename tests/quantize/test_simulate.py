@@ -205,3 +205,32 @@ def test_relevance_of_another_model_is_refused(digits_model, digits_data):
 
     with pytest.raises(ConfigError, match="computed for another model"):
         plan_bits(digits_model, digits_data, "relevance", (2, 4, 8), "avg-bits=4", relevance=Stale())
+
+
+#: bias / (input step x weight step) must be an integer to this many bias steps (float32 biases)
+BIAS_CODE_ATOL = 1e-3
+
+
+def test_biases_lie_on_the_grid_the_artifacts_store_them_on(digits_model, digits_data):
+    """After calibration and after QAT, every quantized kernel's bias is a whole number of
+    (input step x weight step) per channel: the int32 bias TFLite and ONNX store, so the simulation
+    adds what the runtimes add."""
+    from toolchain.quantize import quantize
+    from toolchain.quantize.simulate import _input_grid, kernel_grids, quantized_layers
+
+    plan = _uniform_plan(digits_model, 4)
+    result = quantize(digits_model, plan, digits_data, qat_epochs=1, calibration_samples=128, quiet=True)
+    for qmodel in (build_qat_model(digits_model, plan, digits_data.x_train[:128]), result.model):
+        grids = kernel_grids(qmodel)
+        checked = []
+        for name, inner, wrapper in quantized_layers(qmodel):
+            if name not in grids or not getattr(inner, "use_bias", False):
+                continue
+            unit = _input_grid(wrapper).scale * grids[name].step
+            codes = inner.bias.numpy().astype(np.float64) / unit
+            off = np.abs(codes - np.round(codes))
+            assert off.max() <= BIAS_CODE_ATOL, (
+                f"{name}: {int(np.sum(off > BIAS_CODE_ATOL))} of {off.size} biases off their grid, "
+                f"worst channel {int(off.argmax())} by {off.max():.3g} steps")
+            checked.append(name)
+        assert set(checked) == set(plan.layers), checked
