@@ -442,8 +442,9 @@ def markdown(results: dict, command: str) -> list:
                              for k, v in case['seconds'].items() if k != "total") + " min)."]
         md.append("")
     md += [f"- {s}" for s in results.get("skipped", [])]
-    md += [f"- Not finished when this file was written ({results.get('total_seconds', 0) / 60:.1f} min into the "
-           f"run), so the issue's goals are not measured for: {', '.join(results['pending'])}."] \
+    when = ("its run's file was last written" if results.get("merged_from") else
+            f"this file was written ({results.get('total_seconds', 0) / 60:.1f} min into the run)")
+    md += [f"- Not finished when {when}, so the issue's goals are not measured for: {', '.join(results['pending'])}."] \
         if results.get("pending") else []
     if results.get("merged_from"):  # runs made one after another, each with its own command
         md += ["", "Runs merged into this file: " + "; ".join(
