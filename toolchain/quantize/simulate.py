@@ -34,6 +34,13 @@ Choices, and why:
   ranges as min / max of the float model's activations on the calibration samples (as TFLite's
   post-training calibrator does). A freshly quantize-applied model still holds tfmot's initial
   [-6, 6] ranges, and the moving average (decay 0.999) would take thousands of steps to move.
+* **The graph computes what the artifacts store** (measured layer by layer on the MLPerf Tiny
+  DS-CNN against TFLite and ONNX Runtime): an average pool's output gets its input's range
+  (``tie_same_scale_ranges``: TFLite's AVERAGE_POOL_2D writes on its input's grid), and each bias
+  is rounded to the int32 grid the files store it on (``snap_biases``), after calibration and QAT.
+  The export backends that calibrate on their own take the simulated grids (``activation_grids``).
+  Not emulated: TFLite's fixed-point requantization rounds twice, which with INT4 kernels puts a
+  few percent of a layer's outputs one step higher (benchmarks/results/quantization_fidelity.md).
 """
 from __future__ import annotations
 
