@@ -88,7 +88,7 @@ def part_search(model: Path, work: Path, trials: int, constraints) -> dict:
     row.update({"constraints": got["tune"]["constraints"], "latency": got["tune"]["latency"],
                 "searched": got["tune"]["searched"],
                 "trial_rows": [{"trial_id": t["trial_id"], "status": t["status"], "feasible": t.get("feasible"),
-                                "config": t["config"], "numbers": t.get("numbers"),
+                                "config": t["config"], "recipe": t.get("recipe"), "numbers": t.get("numbers"),
                                 "violated": t.get("violated")} for t in result.trials],
                 "front": [t["trial_id"] for t in result.front]})
     if result.best is None:
@@ -126,7 +126,7 @@ def collect_search(out: Path) -> dict:
             "ray": doc["ray"], "out": str(out), "constraints": doc["constraints"], "latency": doc["latency"],
             "searched": doc["searched"], "front": doc["front"], "best": None, "interrupted": len(trials) - len(done),
             "trial_rows": [{"trial_id": t["trial_id"], "status": t["status"], "feasible": t.get("feasible"),
-                            "config": t.get("config") or {}, "numbers": t.get("numbers"),
+                            "config": t.get("config") or {}, "recipe": t.get("recipe"), "numbers": t.get("numbers"),
                             "violated": t.get("violated")} for t in trials]}
 
 

@@ -108,6 +108,27 @@ def test_search_space_holds_the_recipes_keys_fixed_and_decodes_to_valid_recipes(
     assert validate(recipe_for(raw, start, "local"))["verify"] == validate({})["verify"]
 
 
+def test_trial_recipes_are_feasible_and_prune_at_the_sampled_sparsity():
+    """A budget sampled below the trial's narrowest width (avg-bits=3 with bits [8]: three of 12
+    trials of a digits search failed in the allocator so) is clamped to what the widths can spend,
+    and a searched sparsity is not swapped by compress's backoff for a lower one."""
+    from toolchain.recipe import validate
+    from toolchain.tune.space import recipe_for
+
+    def run(raw, config):
+        return validate(yaml.safe_load(yaml.safe_dump(recipe_for(raw, config, "local"))))
+
+    eight = run({}, {"quantize.bits": "8", "quantize.budget": 3.0, "prune.sparsity": 0.5})
+    assert eight["quantize"]["budget"] == "avg-bits=8" and eight["prune"]["backoff_sparsities"] == []
+    assert run({}, {"quantize.bits": "2,4,8", "quantize.budget": 3.0})["quantize"]["budget"] == "avg-bits=3"
+    assert run({}, {"quantize.bits": "4,6,8", "quantize.budget": 3.0})["quantize"]["budget"] == "avg-bits=4"
+    # bits not searched: the default's widths ([8]) bound the budget
+    assert run({}, {"quantize.budget": 5.5})["quantize"]["budget"] == "avg-bits=8"
+    # the sparsity not searched, or the user's own backoff: compress's backoff stays as given
+    assert run({}, {"quantize.budget": 8.0})["prune"]["backoff_sparsities"] == [0.3, 0.15, 0.0]
+    assert run({"prune": {"backoff_sparsities": [0.2]}}, {"prune.sparsity": 0.6})["prune"]["backoff_sparsities"] == [0.2]
+
+
 def test_pareto_front_and_scores():
     from toolchain.tune.front import pareto_front
     from toolchain.tune.trial import FAILED_SCORE, INFEASIBLE_SCORE, score

@@ -55,6 +55,16 @@ def _value(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _ran(trial: dict, name: str):
+    """The value the trial's recipe ran with (a budget clamped to the trial's widths shows as
+    clamped), else the sampled one."""
+    section, key = name.split(".", 1)
+    value = ((trial.get("recipe") or {}).get(section) or {}).get(key, (trial.get("config") or {}).get(name, ""))
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) if value else "none"
+    return value.split("=", 1)[1] if isinstance(value, str) and value.startswith("avg-bits=") else value
+
+
 def table(trials: Sequence[dict], searched: Sequence[str], latency_key: Optional[str], metric: str) -> str:
     """Markdown: one row per trial; latency as measured while trials ran in parallel and, for the
     front, re-measured serially (or the EMULATED INSTRUCTION COUNT on qemu-cortex-m)."""
@@ -70,7 +80,7 @@ def table(trials: Sequence[dict], searched: Sequence[str], latency_key: Optional
                  _fmt(n.get(DROP), "points")] + [_fmt(n.get(key), kind) for key, _, kind in lat_cols]
         cells.append("yes" if t.get("feasible") else ("no: " + ", ".join(t.get("violated") or [])
                                                         if t.get("violated") else "no"))
-        cells += [_value((t.get("config") or {}).get(k, "")) for k in searched]
+        cells += [_value(_ran(t, k)) for k in searched]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -105,7 +105,12 @@ def recipe_for(raw: dict, config: Dict[str, Any], target: str, drop_points: Opti
     searched keys at the trial's values, the target, and a drop constraint as compress's guard
     (every task's key: points -> fraction). Trial and best recipe are the same recipe, so
     ``toolchain compress --recipe best.yaml`` redoes the trial (the guard also sets the pruning
-    backoff's limit, so a trial with a looser guard would prune differently)."""
+    backoff's limit, so a trial with a looser guard would prune differently).
+
+    Two keys follow from the sampled ones: an ``avg-bits`` budget is clamped to the trial's widths
+    (every sampled plan is feasible), and when the sparsity is searched the pruning backoff is off
+    (``prune.backoff_sparsities: []``, unless the user's recipe sets it): the trial prunes at the
+    sparsity it was given, and a guard breach refuses the trial instead of pruning less."""
     recipe = copy.deepcopy(raw)
     if drop_points is not None:
         recipe["verify"] = {**(recipe.get("verify") or {}),
@@ -116,6 +121,22 @@ def recipe_for(raw: dict, config: Dict[str, Any], target: str, drop_points: Opti
         if recipe[section] is None:
             recipe[section] = {}
         recipe[section][key] = decode(name, value)
+    q = recipe.get("quantize") or {}
+    budget = _avg_bits(q["budget"]) if isinstance(q.get("budget"), str) else None
+    if "quantize.budget" in config and budget is not None:
+        from toolchain.recipe import defaults_for
+
+        q.setdefault("bits", defaults_for(target)["quantize"]["bits"])
+        # the budget is sampled on its own range, the widths on theirs: a budget outside what the
+        # trial's widths can spend (avg-bits=3 with bits [8]) would only fail in the allocator, so
+        # it is clamped to [narrowest, widest] (at the narrowest every weight gets that width)
+        lo, hi = min(q["bits"]), max(q["bits"])
+        q["budget"] = f"avg-bits={min(max(budget, lo), hi):g}"
+    prune = recipe.get("prune") or {}
+    if "prune.sparsity" in config and "backoff_sparsities" not in (raw.get("prune") or {}):
+        # the search chooses the sparsity: compress's own backoff would silently swap the sampled
+        # sparsity for a lower one, so TPE would learn from a sparsity it did not get
+        prune["backoff_sparsities"] = []
     recipe.setdefault("bench", {})
     recipe["bench"] = {**(recipe["bench"] or {}), "target": target}
     return recipe
