@@ -139,8 +139,11 @@ def test_merge_states_each_architecture_and_run(tmp_path):
     name, case = next(iter(committed["cases"].items()))
     case.pop("architecture", None)
     run = tmp_path / "run.json"
-    run.write_text(json.dumps({**committed, "cases": {name: case}, "command": "python benchmarks/paper.py --results /x"}))
-    assert paper.merge([run], tmp_path / "res") == 0
+    run.write_text(json.dumps({**committed, "cases": {name: case}, "pending": [], "command": "python benchmarks/paper.py --results /x"}))
+    # an earlier run that left this model unfinished: the finished case wins, nothing is pending
+    stopped = tmp_path / "stopped.json"
+    stopped.write_text(json.dumps({**committed, "cases": {}, "pending": [name], "command": "python benchmarks/paper.py"}))
+    assert paper.merge([stopped, run], tmp_path / "res") == 0
     merged = json.loads((tmp_path / "res" / "paper.json").read_text())
     arch = merged["cases"][name]["architecture"]
     from models import build_model
@@ -150,7 +153,7 @@ def test_merge_states_each_architecture_and_run(tmp_path):
     assert arch["params"] == model.count_params() and arch["macs"] == paper.multiply_accumulates(model)
     md = (tmp_path / "res" / "paper.md").read_text()
     assert f"{arch['params']:,} parameters" in md and "--results" not in md
-    assert "Runs merged into this file: `python benchmarks/paper.py`" in md
+    assert "Runs merged into this file: `python benchmarks/paper.py`" in md and "Not finished" not in md
 
 
 @pytest.mark.parametrize("args, match", [(["--epochs", "0"], "--epochs: '0' must be a positive integer"),
