@@ -157,9 +157,11 @@ def main() -> int:
                    "tflite_reference": fw["tflite_reference"], "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ram"}), flush=True)
-    command = "nice -n 19 python benchmarks/firmware.py " + " ".join(sys.argv[1:])
+    command = "nice -n 19 python benchmarks/firmware.py " + " ".join(_argv_without_notes(sys.argv[1:]))
+    for row in rows:
+        row["command"] = command
     previous = RESULTS / f"{args.name}.json"
-    notes_text = list(args.note)
+    notes_text, old = list(args.note), {}
     if args.append and previous.is_file():  # rows measured by earlier runs (other models or variants) stay
         old = json.loads(previous.read_text())
         if old.get("samples") == len(x):
@@ -167,7 +169,9 @@ def main() -> int:
             rows = [r for r in old["rows"] if (r["model"], r["cpu"], r["kernels"]) not in fresh] + rows
             notes = {**old.get("models", {}), **notes}
             notes_text = list(dict.fromkeys(old.get("notes", []) + notes_text))
-            command = "; ".join(dict.fromkeys(old.get("command", "").split("; ") + [command.strip()]))
+    # the commands that measured the rows kept (a row from before rows named theirs: the file's commands)
+    command = "; ".join(dict.fromkeys(c for r in rows for c in (
+        [r["command"]] if r.get("command") else old.get("command", "").split("; ")) if c))
     order = {m: i for i, m in enumerate(LABELS)}
     rows.sort(key=lambda r: ([v for v in VARIANTS].index((r["cpu"], r["kernels"])) if (r["cpu"], r["kernels"]) in VARIANTS
                              else len(VARIANTS), order.get(r["model"], len(order))))
@@ -176,6 +180,19 @@ def main() -> int:
            "machine_note": "built and emulated on a shared 2-core machine; counts are deterministic, "
                            "wall times are not reported"}, args.name)
     return 0
+
+
+def _argv_without_notes(argv: list) -> list:
+    """The command line as recorded: ``--note`` sentences are printed in the results, not repeated here."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a)
+    return out
 
 
 def _recipe_row(spec: str) -> tuple:
