@@ -162,7 +162,8 @@ WHY = ("the weights, biases and activation grids are the simulated ones (onnx-mi
 FINDINGS = (
     "where the artifacts and the simulation parted, measured on the 4-bit relevance plan (tf.lite Interpreter "
     "with experimental_preserve_all_tensors and ONNX Runtime with every DequantizeLinear output as a graph output, "
-    "vs sub-models of the tfmot graph, 100 evaluation samples). Input and stored kernels were identical. Fixed: "
+    "vs sub-models of the tfmot graph, 100 evaluation samples; rerun with benchmarks/quantization_fidelity_layers.py, "
+    "results in quantization_fidelity_layers.md). Input and stored kernels were identical. Fixed: "
     "(1) the average pool: TFLite's AVERAGE_POOL_2D writes its output on its input's grid (0.093) and a QUANTIZE "
     "then requantizes it to the simulated range (0.016), up to 16 steps from the simulation, which rounded on the "
     "fine grid only; the simulation now gives the pool its input's range (also during QAT). (2) The bias: the "
