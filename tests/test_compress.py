@@ -119,6 +119,19 @@ def test_changed_distillation_defaults_are_not_served_from_the_cache(build, digi
     assert summary["prune"]["settings"]["distill"]["config"]["noise"] == 0.05
 
 
+def test_a_changed_simulation_is_not_served_from_the_cache(build, digits_model, monkeypatch, tmp_path):
+    # a quantize stage cached by an older simulated graph (what the artifacts are converted from)
+    # must be recomputed, not shipped: the simulation's version is part of the stage's key
+    from toolchain.quantize import simulate
+
+    _, recipe, _ = build
+    monkeypatch.setattr(simulate, "SIMULATION_VERSION", simulate.SIMULATION_VERSION + 1000)
+    assert main(["compress", "--model", str(digits_model), "--data", "digits", "--recipe", str(recipe),
+                 "--out", str(tmp_path / "build"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "build" / "summary.json").read_text())
+    assert {"relevance", "prune"} <= set(summary["cached_stages"]) and "quantize" not in summary["cached_stages"]
+
+
 def test_auto_pruning_chooses_on_the_calibration_split(digits_model, tmp_path):
     """Auto mode tries sparsities from the largest down and records the calibration accuracy of
     each; with a zero tolerance and only large sparsities it must decline and prune nothing."""

@@ -258,12 +258,12 @@ def _quantize(model, dataset, recipe, m_hash, d_hash, quiet):
     from toolchain import stagecache
     from toolchain.quantize import quantize
     from toolchain.quantize.bitplan import BitPlan
-    from toolchain.quantize.simulate import QAT_MODEL_FILE, load_qat_model, save_qat_model
+    from toolchain.quantize.simulate import QAT_MODEL_FILE, SIMULATION_VERSION, load_qat_model, save_qat_model
 
     q = recipe["quantize"]
     settings = {k: q[k] for k in ("allocator", "bits", "budget", "granularity", "group_size", "qat_epochs",
                                   "float_layers")}
-    entry = stagecache.key("quantize", m_hash, d_hash, settings, recipe["relevance"])
+    entry = stagecache.key("quantize", m_hash, d_hash, settings, recipe["relevance"], SIMULATION_VERSION)
     hit = stagecache.get(entry)
     graph = stagecache.root() / entry / QAT_MODEL_FILE
     if hit is not None and graph.is_file():

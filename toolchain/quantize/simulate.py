@@ -850,6 +850,10 @@ def fine_tune(qmodel: tf.keras.Model, x: np.ndarray, y: np.ndarray, epochs: int,
 #: the simulated model's file name. HDF5, because a tfmot model saved as .keras does not load back
 #: in Keras 2.14 ("Layer 'quantize_layer' expected 5 variables, but received 3"); .h5 loads under
 #: quantize_scope with every range (tests/quantize/test_simulate.py::test_saved_model_round_trip)
+#: what the simulated graph computes, for the stage cache's key: bump it whenever a change here
+#: changes the graph's numbers (2: average pools on their input's grid, biases on the stored int32
+#: grid, 2026-12-06), so a cached quantize stage of an older simulation is recomputed, not shipped
+SIMULATION_VERSION = 2
 QAT_MODEL_FILE = "model_qat.h5"
 
 
