@@ -129,6 +129,25 @@ def test_trial_recipes_are_feasible_and_prune_at_the_sampled_sparsity():
     assert run({"prune": {"backoff_sparsities": [0.2]}}, {"prune.sparsity": 0.6})["prune"]["backoff_sparsities"] == [0.2]
 
 
+def test_a_flash_limit_adds_the_small_model_plan_as_a_starting_point():
+    from toolchain.recipe import validate
+    from toolchain.tune.space import recipe_for, search_space, starting_points
+
+    raw = {}
+    space, start = search_space(validate(raw), raw, "local")
+    assert starting_points(space, start, limits_flash=False) == [start]
+    first, small = starting_points(space, start, limits_flash=True)
+    assert first == start
+    recipe = validate(yaml.safe_load(yaml.safe_dump(recipe_for(raw, small, "local"))))
+    assert recipe["quantize"]["bits"] == [4, 8] and recipe["quantize"]["budget"] == "avg-bits=4"
+    assert recipe["quantize"]["float_layers"] == [] and recipe["quantize"]["allocator"] == "relevance"
+    assert recipe["prune"] == validate(yaml.safe_load(yaml.safe_dump(recipe_for(raw, start, "local"))))["prune"]
+    # keys the user fixed stay fixed
+    fixed = {"quantize": {"bits": [8]}}
+    space, start = search_space(validate(fixed), fixed, "local")
+    assert all(p.get("quantize.bits") is None for p in starting_points(space, start, limits_flash=True))
+
+
 def test_pareto_front_and_scores():
     from toolchain.tune.front import pareto_front
     from toolchain.tune.trial import FAILED_SCORE, INFEASIBLE_SCORE, score

@@ -118,7 +118,7 @@ def tune(model: str, data: str, target: str = "local", constraints: Sequence[str
     from ray import tune as rtune
 
     from toolchain import stagecache
-    from toolchain.tune.space import search_space
+    from toolchain.tune.space import search_space, starting_points
     from toolchain.tune.trial import run_trial
 
     space, start = search_space(base, raw, target)
@@ -151,7 +151,8 @@ def tune(model: str, data: str, target: str = "local", constraints: Sequence[str
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             sampler = TPESampler(seed=seed, n_startup_trials=max(MIN_STARTUP, math.ceil(trials * STARTUP_SHARE)))
-            searcher = OptunaSearch(sampler=sampler, points_to_evaluate=[start], seed=seed)
+            searcher = OptunaSearch(sampler=sampler, seed=seed, points_to_evaluate=starting_points(
+                space, start, any(c.name == "flash" for c in cons)))
             tuner = rtune.Tuner(
                 trainable, param_space=space,
                 tune_config=rtune.TuneConfig(metric="score", mode="min", search_alg=searcher, num_samples=trials,
