@@ -316,6 +316,12 @@ def run_pair(arch, key, train_ds, test_ds, spec_note, work: Path, epochs, width,
         _log(f"{name}: ours, filter sparsity {s:.0%}: compress on the training part, validation split")
         res, arts, secs = _compress(model_path, tune_spec, work / f"{tag}_ours_{s}", recipe)
         val = tflite_accuracy(arts["tflite-mixed"], train_ds.x_eval, train_ds.y_eval)
+        pruned = res.summary["prune"]["sparsity"]
+        if abs(pruned - s) > 1e-9:
+            from toolchain.errors import ConfigError
+
+            raise ConfigError(f"ours was asked for filter sparsity {s:g} and compress pruned {pruned:g}; "
+                               f"set prune.backoff_sparsities: [] in {OURS_RECIPE.name}")
         entry = {"sparsity": s, "val_accuracy": val, "float_val_accuracy": float_val, "seconds": secs,
                  "packed_weight_bytes": res.summary["quantize"]["packed_weight_bytes"],
                  "passes": float_val - val <= TUNE_MAX_DROP + 1e-9}
