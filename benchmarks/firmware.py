@@ -277,7 +277,7 @@ def write(results: dict, name: str = "firmware") -> None:
             missed = [k for k in ("flash", "instructions", "accuracy") if not g[f"{k}_met"]]
             cpu, kernels = v.split(":")
             md.append(f"| {cpu} | {kernels} | {LABELS.get(m, m)} | {g['flash_ratio']:.2f}x | {g['instruction_ratio']:.2f}x | "
-                      f"{-g['accuracy_gap_points']:+.1f} | met: {', '.join(met) or 'none'}"
+                      f"{round(-g['accuracy_gap_points'], 1) + 0.0:+.1f} | met: {', '.join(met) or 'none'}"
                       + (f"; missed: {', '.join(missed)}" if missed else "") + " |")
     measured = {r["model"] for r in results["rows"]}
     missing = [LABELS[m] for m in ("official", "ours", "magnitude") if m not in measured]
