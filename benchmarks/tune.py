@@ -14,7 +14,7 @@ Parts (``--parts``, each merged into the results file as it finishes):
 
 Every part starts from an empty stage cache, so trials per hour include each part's relevance and
 pruning. The model is benchmarks/families.py's digits CNN (30 epochs, cached). The trials' recipe
-is a fast one (200 relevance samples, 2 fine-tuning epochs instead of distillation, TFLite only, 50
+is a fast one (200 relevance samples, 3,000 distillation steps without a time budget, TFLite only, 50
 benchmark runs). Run niced on a shared machine: times are upper bounds.
 
     nice -n 19 python benchmarks/tune.py [--parts search,one,cluster] [--trials 8]
@@ -40,20 +40,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 PARTS = ("search", "one", "cluster")
-BASE_RECIPE = {"relevance": {"samples": 200}, "prune": {"distill_steps": 0, "fine_tune_epochs": 2},
+#: the trials' base recipe: recovery by a short distillation without a time budget (3,000 steps,
+#: about 1.5 min on the digits CNN; deterministic, so compress --recipe best.yaml redoes the trial);
+#: until 2026-12-06 it was 2 fine-tuning epochs, which do not recover 0.5 filter pruning (-2.2 points)
+BASE_RECIPE = {"relevance": {"samples": 200},
+               "prune": {"distill_steps": 3000, "distill_time_budget_s": None, "fine_tune_epochs": 0},
                "export": {"formats": ["tflite-fp32", "tflite-int8", "tflite-mixed"]}, "bench": {"runs": 50}}
 DEFAULT_CONSTRAINTS = ("flash<=16KB", "drop<=1")
 #: what the recorded parts ran with (kept beside the numbers until the parts are re-run)
-RUN_NOTE = ("The search part ran on 2026-12-06 with commit 0668945 (trial budgets clamped to their widths, "
-            "no pruning backoff inside a trial: the trial prunes at the sampled sparsity, and with a flash "
-            "limit a second starting point, the small-model plan relevance 4/8 bits at avg 4 without a float "
-            "layer); two earlier 12-trial searches that day, before those changes, also met nothing: one "
-            "wasted 3 trials on budgets below their widths and had TPE learn from sparsities the backoff had "
-            "swapped (closest 34,072 B at -0.89 points), the next came closest at 21,440 B / -0.89 points and "
-            "24,336 B / -0.44 points. The trials recover by 2 fine-tuning epochs, not distillation (a default "
-            "distillation takes up to 15 min a trial): pruning the digits CNN by 0.5 then loses more than the "
-            "1-point limit. The cluster and 1-worker parts ran in session 8 (commits 67f90dc and b38403c: a "
-            "loose guard, then the pruning backoff inside trials) and were not re-run.")
+RUN_NOTE = ("The search part ran on 2026-12-06 with commit 0668945 plus the trials' new base recipe (3,000 "
+            "distillation steps without a time budget instead of 2 fine-tuning epochs): trial budgets clamped "
+            "to their widths, no pruning backoff inside a trial (it prunes at the sampled sparsity), and with a "
+            "flash limit a second starting point, the small-model plan (relevance 4/8 bits at avg 4, no float "
+            "layer). Three earlier 12-trial searches that day met nothing: the first wasted 3 trials on "
+            "budgets below their widths and had TPE learn from sparsities the backoff had swapped; the second "
+            "came closest at 21,440 B / -0.89 points; the third (with the starting point, still recovering by "
+            "2 fine-tuning epochs) at 24,336 B / -0.44 points, its small-plan trial refused by the 1-point "
+            "guard. The cluster and 1-worker parts ran in session 8 (commits 67f90dc and b38403c: a loose "
+            "guard, then the pruning backoff inside trials, fine-tuning recovery) and were not re-run.")
 
 
 def _tune(model: Path, work: Path, name: str, trials: int, constraints, **kwargs) -> dict:
@@ -75,7 +79,7 @@ def _tune(model: Path, work: Path, name: str, trials: int, constraints, **kwargs
     done = [t for t in result.trials if t["status"] not in ("crashed", "interrupted")]
     return {"part": name, "trials": len(done), "seconds": seconds, "crashed_or_interrupted": len(result.trials) - len(done),
             "trials_per_hour": len(done) / seconds * 3600, "concurrent": doc["concurrent_trials"],
-            "ray": doc["ray"], "out": str(out), "tune": doc, "result": result}
+            "ray": doc["ray"], "out": str(out), "tune": doc, "result": result, "base_recipe": BASE_RECIPE}
 
 
 def part_search(model: Path, work: Path, trials: int, constraints) -> dict:
@@ -146,6 +150,19 @@ def part_cluster(model: Path, work: Path, trials: int, constraints) -> dict:
     return got
 
 
+def _recipes_text(results: dict) -> str:
+    """Each part's base recipe (parts run before it was recorded: 2 fine-tuning epochs, no distillation)."""
+    import yaml as _yaml
+
+    said = []
+    for name, part in results["parts"].items():
+        recipe = part.get("base_recipe")
+        text = (_yaml.safe_dump(recipe, default_flow_style=True, sort_keys=False, width=10**6).strip() if recipe else
+                "relevance.samples 200, prune.fine_tune_epochs 2 (no distillation), TFLite formats only, bench.runs 50")
+        said.append(f"the {name} part's base recipe: {text}")
+    return "Trials' recipes: " + "; ".join(said) + "."
+
+
 def markdown(results: dict) -> str:
     from toolchain.tune.front import table
 
@@ -153,8 +170,7 @@ def markdown(results: dict) -> str:
     md = ["# toolchain tune on the digits CNN", "",
           f"Commands: {', '.join('`' + c + '`' for c in commands)}; {results['machine']}. The machine was shared with other "
           "engineers' jobs (load average 6-45 on 2 cores during these runs) and the benchmark ran at `nice -n 19`: "
-          "times are upper bounds. Trials' recipe: relevance.samples 200, prune.fine_tune_epochs 2 (no "
-          "distillation), TFLite formats only, bench.runs 50; every part starts from an empty stage cache.", ""]
+          "times are upper bounds. " + _recipes_text(results) + " Every part starts from an empty stage cache.", ""]
     md += [RUN_NOTE, ""]
     s = results["parts"].get("search")
     if s:
