@@ -121,6 +121,10 @@ def test_compress_on_a_firmware_target_names_the_missing_tool_before_any_work(mo
                                  tf.keras.layers.Dense(10, activation="softmax")])
     path = tmp_path / "m.keras"
     model.save(path)
+    kit = tmp_path / "kit"  # a kit that passes the kit check, so the test needs no ../shared
+    (kit / "tflm").mkdir(parents=True)
+    (kit / "Makefile").write_text("all:\n")
+    monkeypatch.setenv("TOOLCHAIN_TFLM_KIT", str(kit))
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     with pytest.raises(TargetUnavailableError, match=r"apt-get install (gcc-arm-none-eabi|qemu-system-arm|make)"):
         run_compress(str(path), "digits", str(tmp_path / "out"), target="qemu-cortex-m4", quiet=True)

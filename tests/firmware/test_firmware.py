@@ -32,6 +32,7 @@ def _check_against_reference(run, tflite_path):
     return agreement
 
 
+@pytest.mark.skipif(not DSCNN.is_file(), reason=f"the MLPerf Tiny DS-CNN is not at {DSCNN} (../shared absent)")
 def test_project_files_name_ops_and_arena(tmp_path):
     from toolchain.firmware import write_firmware_project
 
