@@ -298,7 +298,7 @@ def markdown_keras3(results: dict) -> str:
     refused, backoffs, aucs = [], [], []
     for r in results["rows"]:
         if "refused" in r:
-            what = "refused by the guard" if "verify." in r["refused"] else "stopped by an error"
+            what = _refusal_kind(r["refused"])
             md.append(f"| {r['family']} | {r['file']} | {r['metric']} | {_fmt(r, r['keras3'])} | – | {what} | – | "
                       f"failed | – | – | – | – | – | {r['compress_seconds'] / 60:.1f} min |")
             refused.append(f"- {r['file']}: {r['refused']}")
@@ -314,18 +314,16 @@ def markdown_keras3(results: dict) -> str:
         if r.get("auc"):
             aucs.append(f"- {r['file']}: anomaly ROC AUC (digits >= {ANOMALY_FROM} anomalous) original "
                         f"{r['auc']['original']:.4f}, int8 TFLite {r['auc']['int8']:.4f}")
-        b = r.get("backoff")
-        if b and len(b["tried"]) > 1 and not cached:
-            tries = "; ".join(f"{t['sparsity']:g}: {_change_text(b['metric'], t['calibration_change'])}"
-                              for t in b["tried"])
-            backoffs.append(f"- {r['file']}: calibration {b['metric']} change vs the original per sparsity tried "
-                            f"({tries}; limit {_change_text(b['metric'], b['max_drop'])}) -> {b['chosen']:g}")
+        if r.get("backoff") and len(r["backoff"]["tried"]) > 1 and not cached:
+            backoffs.append(_backoff_line(r["file"], r["backoff"]))
     if aucs:
         md += ["", "The autoencoder's summary metric is the anomaly ROC AUC; the bar is on its MSE:", ""] + aucs
     if backoffs:
         md += ["", "Sparsity backoff (after recovery, on the calibration split):", ""] + backoffs
     if refused:
         md += ["", "Runs that wrote nothing (compress exits 2):", ""] + refused
+    for note in results.get("notes") or ():  # findings written beside the numbers (kept by --append)
+        md += ["", note]
     md += ["", f"Total: {results['seconds'] / 60:.1f} min."]
     return "\n".join(md) + "\n"
 
@@ -358,7 +356,7 @@ def markdown(results: dict) -> str:
             # rows kept from a run before the sparsity backoff (they record no distillation data)
             r = {**r, "family": f"{r['family']} (previous default)"}
         if "refused" in r:
-            what = "refused by the guard" if "verify." in r["refused"] else "stopped by an error"
+            what = _refusal_kind(r["refused"])
             md.append(f"| {r['family']} | – | – | – | {what} (see below) | – | – | – | – | – | – | "
                       f"{r['compress_seconds'] / 60:.1f} min |")
             refused.append(f"- {r['family']}: {r['refused']}")
@@ -379,12 +377,7 @@ def markdown(results: dict) -> str:
                   f"{r['headline_bytes']:,} | {r['fp32_bytes'] / r['headline_bytes']:.1f}x | "
                   f"{_sparsity_cell(r)} | {_distill_cell(r)} | {r['compress_seconds'] / 60:.1f} min |")
         if r.get("backoff") and len(r["backoff"]["tried"]) > 1:
-            b = r["backoff"]
-            tries = "; ".join(f"{t['sparsity']:g}: {_change_text(b['metric'], t['calibration_change'])}"
-                              for t in b["tried"])
-            backoffs.append(f"- {r['family']}: calibration {b['metric']} change vs the original per sparsity "
-                            f"tried ({tries}; limit {_change_text(b['metric'], b['max_drop'])}) -> "
-                            f"{b['chosen']:g}")
+            backoffs.append(_backoff_line(r["family"], r["backoff"]))
     if backoffs:
         md += ["", "Sparsity backoff (`prune.backoff_sparsities`: after recovery the pruned model is checked on the "
                    "calibration split, never the evaluation split, and pruned less when it loses more than "
@@ -400,6 +393,18 @@ def markdown(results: dict) -> str:
         md += ["", "Notes on single rows:", ""] + notes
     md += ["", f"Total: {results['seconds'] / 60:.1f} min."]
     return "\n".join(md) + "\n"
+
+
+def _refusal_kind(error: str) -> str:
+    """A refused row's cell: the guard (its error names a ``verify.`` key) or another error."""
+    return "refused by the guard" if "verify." in error else "stopped by an error"
+
+
+def _backoff_line(name: str, b: dict) -> str:
+    """One bullet: the calibration change of every sparsity the backoff tried, and the one kept."""
+    tries = "; ".join(f"{t['sparsity']:g}: {_change_text(b['metric'], t['calibration_change'])}" for t in b["tried"])
+    return (f"- {name}: calibration {b['metric']} change vs the original per sparsity tried ({tries}; "
+            f"limit {_change_text(b['metric'], b['max_drop'])}) -> {b['chosen']:g}")
 
 
 def _change_text(metric: str, drop: float) -> str:
@@ -491,13 +496,17 @@ def _save(name: str, append: bool, rows: list, command: str, machine: str, recip
     rows of the existing file (re-read now: another run may have written it meanwhile)."""
     previous = RESULTS / f"{name}.json"
     done = {_row_key(r) for r in rows}
+    notes = None
     if append and previous.is_file():
         old = json.loads(previous.read_text())
         rows = [r for r in old["rows"] if _row_key(r) not in done] + rows
         rows.sort(key=_row_order)
+        notes = old.get("notes")
     total = sum(r.get("compress_seconds", 0) + r.get("prepare_seconds", 0) for r in rows)
     results = {"command": command, "machine": machine, "recipe": recipe or "default", "rows": rows,
                "seconds": total if append else seconds}
+    if notes:
+        results["notes"] = notes
     if kind != "families":
         results["kind"] = kind
     RESULTS.mkdir(parents=True, exist_ok=True)

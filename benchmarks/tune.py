@@ -152,12 +152,10 @@ def part_cluster(model: Path, work: Path, trials: int, constraints) -> dict:
 
 def _recipes_text(results: dict) -> str:
     """Each part's base recipe (parts run before it was recorded: 2 fine-tuning epochs, no distillation)."""
-    import yaml as _yaml
-
     said = []
     for name, part in results["parts"].items():
         recipe = part.get("base_recipe")
-        text = (_yaml.safe_dump(recipe, default_flow_style=True, sort_keys=False, width=10**6).strip() if recipe else
+        text = (yaml.safe_dump(recipe, default_flow_style=True, sort_keys=False, width=10**6).strip() if recipe else
                 "relevance.samples 200, prune.fine_tune_epochs 2 (no distillation), TFLite formats only, bench.runs 50")
         said.append(f"the {name} part's base recipe: {text}")
     return "Trials' recipes: " + "; ".join(said) + "."

@@ -141,22 +141,21 @@ def recipe_for(raw: dict, config: Dict[str, Any], target: str, drop_points: Opti
         if recipe[section] is None:
             recipe[section] = {}
         recipe[section][key] = decode(name, value)
-    q = recipe.get("quantize") or {}
-    budget = _avg_bits(q["budget"]) if isinstance(q.get("budget"), str) else None
-    if "quantize.budget" in config and budget is not None:
+    if "quantize.budget" in config:
         from toolchain.recipe import defaults_for
 
+        q = recipe["quantize"]  # set above: the budget is a searched key
+        budget = _avg_bits(q["budget"])
         q.setdefault("bits", defaults_for(target)["quantize"]["bits"])
         # the budget is sampled on its own range, the widths on theirs: a budget outside what the
         # trial's widths can spend (avg-bits=3 with bits [8]) would only fail in the allocator, so
         # it is clamped to [narrowest, widest] (at the narrowest every weight gets that width)
         lo, hi = min(q["bits"]), max(q["bits"])
         q["budget"] = f"avg-bits={min(max(budget, lo), hi):g}"
-    prune = recipe.get("prune") or {}
     if "prune.sparsity" in config and "backoff_sparsities" not in (raw.get("prune") or {}):
         # the search chooses the sparsity: compress's own backoff would silently swap the sampled
         # sparsity for a lower one, so TPE would learn from a sparsity it did not get
-        prune["backoff_sparsities"] = []
+        recipe["prune"]["backoff_sparsities"] = []
     recipe.setdefault("bench", {})
     recipe["bench"] = {**(recipe["bench"] or {}), "target": target}
     return recipe
