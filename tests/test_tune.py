@@ -242,3 +242,60 @@ def test_local_ray_cluster_without_the_ray_cli_names_the_fix(monkeypatch):
     with pytest.raises(TargetUnavailableError, match="pip install -r requirements.txt"):
         with cluster.local_ray_cluster():
             pytest.fail("the cluster block ran without a ray command")
+
+
+def _tune_benchmark():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import tune as bench
+
+    return bench
+
+
+def test_ds_cnn_limits_are_one_point_below_the_official_int8_and_its_recipes_are_valid():
+    """benchmarks/tune.py --parts ds_cnn: the tuner's drop (against the original float model) is 1
+    point plus the official int8's own gap to the original; its constraints parse on the firmware
+    target and both starting points are recipes compress takes."""
+    from toolchain.recipe import validate
+    from toolchain.tune.space import recipe_for, search_space, starting_points
+
+    bench = _tune_benchmark()
+    texts = bench.ds_cnn_constraints({"original": 0.914, "official_int8": 0.906})
+    assert texts == ["flash<=27000B", "drop<=1.8"]
+    assert bench.ds_cnn_constraints({"original": 0.90, "official_int8": 0.90})[1] == "drop<=1"
+    cons = {c.name: c.limit for c in parse_constraints(texts, bench.DS_CNN_TARGET,
+                                                          bench.DS_CNN_RECIPE["export"]["formats"])}
+    assert cons == {"flash": 27_000, "drop": 1.8}
+    raw = {**bench.DS_CNN_RECIPE, "bench": {**bench.DS_CNN_RECIPE["bench"], "target": bench.DS_CNN_TARGET}}
+    base = validate(raw, "ds_cnn base recipe")
+    space, start = search_space(base, raw, bench.DS_CNN_TARGET)
+    # the MCU default's fixed keys stay fixed: no float layer (TFLM), CMSIS-NN kernels, 3,000 steps
+    assert not {"quantize.float_layers", "bench.kernels", "prune.distill_steps"} & set(space)
+    points = starting_points(space, start, limits_flash=True)
+    assert len(points) == 2
+    for point in points:
+        recipe = validate(recipe_for(raw, point, bench.DS_CNN_TARGET, cons["drop"]), "trial recipe")
+        assert recipe["verify"]["max_accuracy_drop"] == pytest.approx(0.018)
+        assert recipe["quantize"]["qat_epochs"] == 3 and recipe["export"]["mcu_source"] == "tflite-mixed"
+
+
+def test_best_vs_default_names_better_worse_or_equal_per_target_and_metric():
+    bench = _tune_benchmark()
+    if not bench.DEFAULT_FIRMWARE.is_file():
+        pytest.skip(f"{bench.DEFAULT_FIRMWARE} (the default's recorded numbers) is missing")
+    default = bench.default_numbers()
+    m4 = default["qemu-cortex-m4"]["ours"]
+    assert default["local"]["model_bytes"] == m4["model_flash_bytes"] and 0.5 < default["local"]["host_accuracy"] <= 1
+    fw = {**m4, "model_flash_bytes": m4["model_flash_bytes"] - 1,
+          "emulated_instructions_per_inference": m4["emulated_instructions_per_inference"] + 1}
+    part = {"default": default, "references": {"official_int8": 0.906, "official_int8_bytes": 53_936},
+            "compare": {"qemu-cortex-m4": {"firmware": fw, "official_firmware": default["qemu-cortex-m4"]["official"],
+                                           "samples": 500},
+                        "qemu-cortex-m7": {"target": "qemu-cortex-m7", "error": "ConversionError: x"},
+                        "local": {"model_bytes": default["local"]["model_bytes"],
+                                  "host_accuracy": default["local"]["host_accuracy"] - 0.002}}}
+    got = {(r[0], r[1].split(" (")[0]): r[5] for r in bench.comparison_rows(part)}
+    assert got == {("qemu-cortex-m4", "model bytes in flash"): "better",
+                   ("qemu-cortex-m4", "EMULATED instructions / inference"): "worse",
+                   ("qemu-cortex-m4", "RAM"): "equal", ("qemu-cortex-m4", "firmware accuracy"): "equal",
+                   ("qemu-cortex-m7", "compress --recipe best.yaml"): "not measured",
+                   ("local", "model bytes"): "equal", ("local", "host TFLite accuracy"): "worse"}
