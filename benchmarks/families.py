@@ -319,7 +319,7 @@ def markdown_keras3(results: dict) -> str:
     if aucs:
         md += ["", "The autoencoder's summary metric is the anomaly ROC AUC; the bar is on its MSE:", ""] + aucs
     if backoffs:
-        md += ["", "Sparsity backoff (after recovery, on the calibration split):", ""] + backoffs
+        md += ["", "Sparsity backoff (after recovery, never on the evaluation split):", ""] + backoffs
     if refused:
         md += ["", "Runs that wrote nothing (compress exits 2):", ""] + refused
     for note in results.get("notes") or ():  # findings written beside the numbers (kept by --append)
@@ -379,8 +379,9 @@ def markdown(results: dict) -> str:
         if r.get("backoff") and len(r["backoff"]["tried"]) > 1:
             backoffs.append(_backoff_line(r["family"], r["backoff"]))
     if backoffs:
-        md += ["", "Sparsity backoff (`prune.backoff_sparsities`: after recovery the pruned model is checked on the "
-                   "calibration split, never the evaluation split, and pruned less when it loses more than "
+        md += ["", "Sparsity backoff (`prune.backoff_sparsities`: after recovery the pruned model is checked on "
+                   "training samples held out of recovery (or, without enough of them, the calibration samples), "
+                   "never the evaluation split, and pruned less when it loses more than "
                    "`prune.backoff_max_drop` x the verify limit):", ""] + backoffs
     if refused:
         md += ["", "Runs that wrote nothing (compress exits 2: the guard refused an artifact that loses more "
@@ -401,9 +402,13 @@ def _refusal_kind(error: str) -> str:
 
 
 def _backoff_line(name: str, b: dict) -> str:
-    """One bullet: the calibration change of every sparsity the backoff tried, and the one kept."""
-    tries = "; ".join(f"{t['sparsity']:g}: {_change_text(b['metric'], t['calibration_change'])}" for t in b["tried"])
-    return (f"- {name}: calibration {b['metric']} change vs the original per sparsity tried ({tries}; "
+    """One bullet: the change of every sparsity the backoff tried on its check samples, and the one
+    kept (rows recorded before the held-out check name the calibration split)."""
+    where = (f"{b['checked_on']} ({b['check_samples']})" if "checked_on" in b
+             else "calibration samples (recorded before the held-out check)")
+    tries = "; ".join(f"{t['sparsity']:g}: {_change_text(b['metric'], t.get('check_change', t.get('calibration_change')))}"
+                      for t in b["tried"])
+    return (f"- {name}: {b['metric']} change vs the original on {where} per sparsity tried ({tries}; "
             f"limit {_change_text(b['metric'], b['max_drop'])}) -> {b['chosen']:g}")
 
 

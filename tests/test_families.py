@@ -121,13 +121,13 @@ def test_dense_autoencoder_is_judged_by_reconstruction_error_and_auc(tmp_path):
 
 
 
-def test_pruning_backs_off_when_the_calibration_split_loses_too_much(tmp_path, monkeypatch):
+def test_pruning_backs_off_when_the_held_out_check_loses_too_much(tmp_path, monkeypatch):
     """90% of the filters of a small CNN with only 100 distillation steps loses far more than the
-    backoff limit (0.5 x verify.max_accuracy_drop) on the calibration split, so the prune stage
-    redoes pruning at the backoff sparsity 0.1 (the last one: kept whatever it loses) and loses less
-    there; the choice is recorded with every try's calibration accuracy. Magnitude scores keep LRP
-    out of it."""
-    from toolchain.compress import _prune
+    backoff limit (backoff_max_drop x verify.max_accuracy_drop) on the check samples, so the prune
+    stage redoes pruning at the backoff sparsity 0.1 (the last one: kept whatever it loses) and loses
+    less there; the choice is recorded with every try's check accuracy. The check samples are the
+    train split's tail, held out of every try's distillation. Magnitude scores keep LRP out of it."""
+    from toolchain.compress import BACKOFF_CHECK_MAX, _prune
     from toolchain.model_io import model_hash
     from toolchain.pipeline import load_inputs
     from toolchain.recipe import validate
@@ -141,20 +141,42 @@ def test_pruning_backs_off_when_the_calibration_split_loses_too_much(tmp_path, m
     backoff = summary["backoff"]
     tried = [t["sparsity"] for t in backoff["tried"]]
     assert not cached and tried == [0.9, 0.1], backoff
-    assert backoff["max_drop"] == pytest.approx(0.5 * recipe["verify"]["max_accuracy_drop"])
-    assert backoff["tried"][0]["calibration_change"] > backoff["max_drop"], backoff
-    assert backoff["tried"][0]["calibration_accuracy"] < backoff["reference_calibration_accuracy"]
+    assert backoff["max_drop"] == pytest.approx(recipe["prune"]["backoff_max_drop"] * recipe["verify"]["max_accuracy_drop"])
+    assert backoff["tried"][0]["check_change"] > backoff["max_drop"], backoff
+    assert backoff["tried"][0]["check_accuracy"] < backoff["reference_check_accuracy"]
     assert backoff["chosen"] == 0.1 and abs(summary["sparsity"] - 0.1) < 0.05, summary["sparsity"]
-    assert backoff["passed"] == (backoff["tried"][1]["calibration_change"] <= backoff["max_drop"]), backoff
-    assert backoff["tried"][1]["calibration_change"] < backoff["tried"][0]["calibration_change"], backoff
+    assert backoff["passed"] == (backoff["tried"][1]["check_change"] <= backoff["max_drop"]), backoff
+    assert backoff["tried"][1]["check_change"] < backoff["tried"][0]["check_change"], backoff
     assert pruned.count_params() == summary["params_after"] > 0
-    assert summary["settings"]["distill"]["train_samples"] == len(dataset.x_train) > 200  # every training sample
-    # without recovery a sparsity is an experiment: run as asked, whatever it loses
+    # the check samples: half of what the 200 calibration samples leave, none of them distilled on
+    n_check = min(BACKOFF_CHECK_MAX, (len(dataset.x_train) - 200) // 2)
+    assert backoff["checked_on"] == "held-out training samples" and backoff["check_samples"] == n_check
+    assert summary["settings"]["distill"]["train_samples"] == len(dataset.x_train) - n_check > 200
+    # without recovery a sparsity is an experiment: run as asked, whatever it loses, nothing held out
     recipe["prune"]["distill_steps"] = 0
     _, summary, _ = _prune(model, dataset, recipe, None, model_hash(model), dataset.content_hash(), True)
     assert [t["sparsity"] for t in summary["backoff"]["tried"]] == [0.9]
+    assert summary["backoff"]["checked_on"] == "calibration samples"
     # the backoff's 0.0 prunes nothing: the original's parameters, no loss, nothing distilled
     recipe["prune"].update(distill_steps=100, backoff_sparsities=[0.0])
     pruned, summary, _ = _prune(model, dataset, recipe, None, model_hash(model), dataset.content_hash(), True)
     assert [t["sparsity"] for t in summary["backoff"]["tried"]] == [0.9, 0.0] and summary["backoff"]["passed"]
     assert pruned.count_params() == model.count_params() and summary["settings"]["distill"] is None
+
+
+def test_the_backoff_checks_on_calibration_samples_when_the_train_split_has_no_more():
+    """kws01's train split is its 500 calibration samples: nothing can be held out, so the check
+    runs on the calibration samples and the tries recover on the whole split."""
+    from toolchain.compress import BACKOFF_CHECK_MIN, backoff_check_split
+    from toolchain.data import load_dataset
+
+    dataset = load_dataset("digits")
+    n_cal = len(dataset.x_train) - 2 * BACKOFF_CHECK_MIN + 1  # leaves one sample too few
+    view, x_check, y_check, held_out = backoff_check_split(dataset, n_cal)
+    assert not held_out and view is dataset and len(x_check) == n_cal
+    np.testing.assert_array_equal(x_check, dataset.x_train[:n_cal])
+    view, x_check, y_check, held_out = backoff_check_split(dataset, n_cal - 1)
+    assert held_out and len(x_check) == BACKOFF_CHECK_MIN == len(y_check)
+    assert len(view.x_train) + len(x_check) == len(dataset.x_train) and len(view.y_train) == len(view.x_train)
+    np.testing.assert_array_equal(x_check, dataset.x_train[-BACKOFF_CHECK_MIN:])
+    np.testing.assert_array_equal(view.x_train, dataset.x_train[:-BACKOFF_CHECK_MIN])
