@@ -402,14 +402,20 @@ def _refusal_kind(error: str) -> str:
 
 
 def _backoff_line(name: str, b: dict) -> str:
-    """One bullet: the change of every sparsity the backoff tried on its check samples, and the one
-    kept (rows recorded before the held-out check name the calibration split)."""
-    where = (f"{b['checked_on']} ({b['check_samples']})" if "checked_on" in b
-             else "calibration samples (recorded before the held-out check)")
-    tries = "; ".join(f"{t['sparsity']:g}: {_change_text(b['metric'], t.get('check_change', t.get('calibration_change')))}"
-                      for t in b["tried"])
-    return (f"- {name}: {b['metric']} change vs the original on {where} per sparsity tried ({tries}; "
-            f"limit {_change_text(b['metric'], b['max_drop'])}) -> {b['chosen']:g}")
+    """One bullet: every sparsity the backoff tried with its change on each check set (the worse one
+    judged), and the one kept; rows recorded before the held-out check name the calibration split."""
+    where = b["checked_on"] if "checked_on" in b else "calibration samples (recorded before the held-out check)"
+
+    def one(t):
+        sets = t.get("changes") or {}
+        text = _change_text(b["metric"], t.get("change", t.get("calibration_change")))
+        if len(sets) > 1:
+            text += " (" + ", ".join(f"{k.replace('_', '-')} {_change_text(b['metric'], v)}" for k, v in sets.items()) + ")"
+        return f"{t['sparsity']:g}: {text}"
+
+    tries = "; ".join(one(t) for t in b["tried"])
+    return (f"- {name}: {b['metric']} change vs the original on {where} per sparsity tried, the worse set "
+            f"judged ({tries}; limit {_change_text(b['metric'], b['max_drop'])}) -> {b['chosen']:g}")
 
 
 def _change_text(metric: str, drop: float) -> str:

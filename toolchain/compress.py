@@ -190,6 +190,8 @@ BACKOFF_STARVED_SHARE = 0.125
 #: runs on the calibration samples, which the student trained on, and measures fit
 BACKOFF_CHECK_MIN = 200
 BACKOFF_CHECK_MAX = 1000
+#: the backoff's check sets, as its record and stage line name them
+CHECK_SET_NAMES = {"held_out": "held-out training samples", "calibration": "calibration samples"}
 
 
 def backoff_check_split(dataset, n_calibration: int):
@@ -217,12 +219,15 @@ def backoff_check_split(dataset, n_calibration: int):
 
 def _prune_with_backoff(run, model, dataset, recipe, distill, quiet=True):
     """Prune (and distil) at ``prune.sparsity``; when the result loses more than
-    ``prune.backoff_max_drop`` x the verify limit of the task's metric against the original on the
-    check samples (``backoff_check_split``: training samples held out of every try's recovery when
-    the split has enough, else the calibration samples; the evaluation split never chooses), redo it
-    at the next lower of ``prune.backoff_sparsities``; the last one tried is kept. Only with recovery
-    (distillation or fine-tuning) on; without a lower sparsity to go to nothing is held out. Returns
-    ``(PruneResult, record)``."""
+    ``prune.backoff_max_drop`` x the verify limit of the task's metric against the original on any
+    of its check sets, redo it at the next lower of ``prune.backoff_sparsities``; the last one tried
+    is kept. The check sets (``backoff_check_split``): training samples held out of every try's
+    recovery AND the calibration samples when the split has enough, else the calibration samples
+    alone; the evaluation split never chooses. Both sets are noisy at the 1-point level on small
+    data (the digits: 423 and 500 samples; a pruned Keras 3 dsconv_residual gained 0.2 points on the
+    held-out ones and lost 3.4 on the calibration ones and 2.9 on the evaluation split), so a try
+    passes only when it holds on both. Only with recovery (distillation or fine-tuning) on; without
+    a lower sparsity to go to nothing is held out. Returns ``(PruneResult, record)``."""
     from toolchain.task import metric_change, mse_floor_for, primary_metric
 
     p = recipe["prune"]
@@ -231,25 +236,30 @@ def _prune_with_backoff(run, model, dataset, recipe, distill, quiet=True):
     recovers = bool(p["distill_steps"] or p["fine_tune_epochs"])
     lower = sorted({float(b) for b in p["backoff_sparsities"] if b < p["sparsity"]}, reverse=True)
     sparsities = [p["sparsity"]] + (lower if recovers else [])
-    if len(sparsities) > 1:
+    checks = {"calibration": dataset.calibration(n_cal)}
+    data = dataset
+    if len(sparsities) > 1:  # something to decide: hold samples out of recovery when there are enough
         data, x_check, y_check, held_out = backoff_check_split(dataset, n_cal)
-    else:  # nothing to decide: recover on every training sample
-        data, (x_check, y_check), held_out = dataset, dataset.calibration(n_cal), False
-    checked_on = "held-out training samples" if held_out else "calibration samples"
+        if held_out:
+            checks = {"held_out": (x_check, y_check), **checks}
     metric, _ = primary_metric(dataset.task)
     limit = float(p["backoff_max_drop"]) * float(recipe["verify"][GUARD_KEYS[metric]])
-    reference = _calibration_metrics(model, x_check, y_check, dataset.task)
+    reference = {k: _calibration_metrics(model, x, y, dataset.task) for k, (x, y) in checks.items()}
+    where = " and ".join(f"{len(x)} {CHECK_SET_NAMES[k]}" for k, (x, _) in checks.items())
     tried = []
     queue = list(sparsities)
     while queue:
         s = queue.pop(0)
         # sparsity 0 prunes nothing, so there is nothing to recover
         result = run(s, p["fine_tune_epochs"], distill, data) if s else run(0.0, 0)
-        got = _calibration_metrics(result.model, x_check, y_check, dataset.task)
-        change = metric_change(dataset.task, reference, got, mse_floor_for(y_check))
-        drop = change.drop
+        changes = {}
+        for k, (x, y) in checks.items():
+            got = _calibration_metrics(result.model, x, y, dataset.task)
+            changes[k] = metric_change(dataset.task, reference[k], got, mse_floor_for(y))
+        worst = max(changes, key=lambda k: changes[k].drop)
+        drop = changes[worst].drop
         distilled = (result.settings.get("distill") or {})
-        tried.append({"sparsity": s, f"check_{metric}": got[metric], "check_change": drop,
+        tried.append({"sparsity": s, "change": drop, "changes": {k: c.drop for k, c in changes.items()},
                       "distill_steps_run": distilled.get("steps_run"), "distill_seconds": distilled.get("seconds")})
         # a distillation the time budget cut far below its cap was starved; every lower sparsity
         # would be starved alike (MobileNetV1 0.25 at 96x96 keeps 16.5% of its 46.8% at 0.3 and
@@ -264,14 +274,15 @@ def _prune_with_backoff(run, model, dataset, recipe, distill, quiet=True):
             verdict = ("kept" if drop <= limit else "kept, the last backoff sparsity") if last else (
                 f"distillation starved by the time budget ({distilled.get('steps_run')} of "
                 f"{distilled.get('steps_cap')} steps): going to {queue[-1]:g}" if starved else "pruning less")
-            print(f"prune: sparsity {s:g}, {change.describe()} on {len(x_check)} {checked_on}, backoff "
-                  f"limit {limit:.3g} ({p['backoff_max_drop']:g} x verify.{GUARD_KEYS[metric]}): {verdict}",
-                  file=sys.stderr)
+            seen = "; ".join(f"{CHECK_SET_NAMES[k]} {c.describe()}" for k, c in changes.items())
+            print(f"prune: sparsity {s:g}, {seen}; backoff limit {limit:.3g} ({p['backoff_max_drop']:g} x "
+                  f"verify.{GUARD_KEYS[metric]}): {verdict}", file=sys.stderr)
         if last:
             break
-    return result, {"metric": metric, f"reference_check_{metric}": reference[metric], "checked_on": checked_on,
-                    "check_samples": int(len(x_check)), "max_drop": limit, "tried": tried,
-                    "chosen": tried[-1]["sparsity"], "passed": tried[-1]["check_change"] <= limit}
+    return result, {"metric": metric, "checked_on": where,
+                    "check_samples": {k: int(len(x)) for k, (x, _) in checks.items()},
+                    "reference": {k: r[metric] for k, r in reference.items()}, "max_drop": limit, "tried": tried,
+                    "chosen": tried[-1]["sparsity"], "passed": tried[-1]["change"] <= limit}
 
 
 def plan_from_recipe(model, dataset, recipe, quiet: bool = True):

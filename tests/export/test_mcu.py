@@ -258,3 +258,25 @@ def test_disagreement_with_tflite_is_refused(int8_tflite, tmp_path, monkeypatch)
     with pytest.raises(ConversionError, match="tflite-micro"):
         write_mcu_bundle(int8_tflite.path, tmp_path / "mcu", "small_cnn", check_x=calib(20))
     assert not (tmp_path / "mcu" / "manifest.json").exists()
+
+
+def test_arena_search_survives_tflite_micro_crashing_on_a_small_arena():
+    """tflite-micro crashes (SIGSEGV) instead of failing when this pruned depthwise-separable model
+    with a residual Add (tests/data/tflm/README.md) gets a 2,000-byte arena; the arena search probes
+    each size in a forked process, so the crash counts as "does not run" and the search still
+    finds the smallest arena, 4,640 bytes, and the bundle check still runs."""
+    from pathlib import Path
+
+    from toolchain.export import micro
+
+    data = (Path(__file__).parents[1] / "data" / "tflm" / "dsconv_residual_pruned_stripped.tflite").read_bytes()
+    x = digits().x_eval[:20].reshape(-1, 8, 8, 1).astype(np.float32)  # evaluation digits
+    runtime = micro._runtime()
+    from deploy.runner import MicroBackend, prepare_inputs
+
+    x_q = prepare_inputs(x, MicroBackend(data, name="test").input)
+    assert not micro._runs(runtime, data, 2000, x_q[:1])  # crashed in the probe's child, not here
+    assert micro._runs(runtime, data, 4640, x_q[:1])
+    assert micro.min_arena(data, x_q[:1]) == 4640
+    check = micro.check_in_micro(data, x)
+    assert check.arena_min_bytes == 4640 and check.top1_agreement == 1.0
