@@ -122,7 +122,8 @@ def _prune(model, dataset, recipe, rmap, m_hash, d_hash, quiet):
     # every distillation setting, not only the recipe's two: a changed default (augmentation) must
     # not reuse a model distilled the old way
     settings["distill"] = distill.to_dict()
-    settings["backoff_check"] = {"min": BACKOFF_CHECK_MIN, "max": BACKOFF_CHECK_MAX}  # what the backoff measures on
+    # what the backoff measures on and how it judges (a changed rule must not reuse a choice)
+    settings["backoff_check"] = {"min": BACKOFF_CHECK_MIN, "max": BACKOFF_CHECK_MAX, "rule": BACKOFF_CHECK_RULE}
     entry = stagecache.key("prune", m_hash, d_hash, settings, recipe["relevance"])
     hit = stagecache.get(entry)
     if hit is not None and hit[0] is not None:
@@ -190,6 +191,8 @@ BACKOFF_STARVED_SHARE = 0.125
 #: runs on the calibration samples, which the student trained on, and measures fit
 BACKOFF_CHECK_MIN = 200
 BACKOFF_CHECK_MAX = 1000
+#: how the backoff judges a try (in the prune stage's cache key): the worse of its check sets
+BACKOFF_CHECK_RULE = "worst of held-out and calibration"
 #: the backoff's check sets, as its record and stage line name them
 CHECK_SET_NAMES = {"held_out": "held-out training samples", "calibration": "calibration samples"}
 
