@@ -380,9 +380,9 @@ def markdown(results: dict) -> str:
             backoffs.append(_backoff_line(r["family"], r["backoff"]))
     if backoffs:
         md += ["", "Sparsity backoff (`prune.backoff_sparsities`: after recovery the pruned model is checked on "
-                   "training samples held out of recovery (or, without enough of them, the calibration samples), "
-                   "never the evaluation split, and pruned less when it loses more than "
-                   "`prune.backoff_max_drop` x the verify limit):", ""] + backoffs
+                   "training samples held out of recovery and on the calibration samples (without enough training "
+                   "samples, on the calibration samples alone), never the evaluation split, and pruned less when it "
+                   "loses more than `prune.backoff_max_drop` x the verify limit on either):", ""] + backoffs
     if refused:
         md += ["", "Runs that wrote nothing (compress exits 2: the guard refused an artifact that loses more "
                    "than the recipe allows against the original, or a later stage stopped with an error):", ""] + refused
