@@ -85,9 +85,10 @@ RUN_NOTE = ("What ran: the digits search part on 2026-12-06 with commit 0668945 
             "of 3,000 distillation steps without a time budget (trial budgets clamped to their widths, no pruning "
             "backoff inside a trial, and with a flash limit the small-model plan as a second starting point; three "
             "earlier 12-trial searches that day met nothing, the closest 21,440 B / -0.89 points and 24,336 B / "
-            "-0.44 points). The DS-CNN parts ran in session 10 on commit ad221cd with another engineer's "
-            "uncommitted toolchain/compress.py and recipe.py changes in the tree (the CPU default's pruning backoff; "
-            "the DS-CNN trials set prune.backoff_sparsities: [] and do not use it): first over the whole space, then, "
+            "-0.44 points). The DS-CNN parts ran in session 10 from commit ad221cd with another engineer's "
+            "uncommitted toolchain/compress.py and recipe.py changes in the tree (the pruning backoff's check, "
+            "committed meanwhile as d329b83..7aef3d7; the DS-CNN trials set prune.backoff_sparsities: [] and do not "
+            "use it): first over the whole space, then, "
             "because that search showed 3,000 distillation steps do not recover 0.5 filter pruning on DS-CNN (-5.4 "
             "points) while 0.25 kept the drop but missed the flash, a second with prune.sparsity 0.3 and filter "
             "granularity held fixed by the base recipe. The 1-worker and cluster rows of the trials-per-hour table "
@@ -439,10 +440,11 @@ def ds_cnn_markdown(p: dict, title: str = DS_CNN_PARTS["ds_cnn"]) -> list:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     worse = sorted({f"{r[1]} on {r[0]}" for r in rows if r[5] == "worse"})
     missing = [r for r in rows if r[5] == "not measured"]
+    notes = [f"- {n}" for n in p.get("notes", [])]  # the finding, written after the run (kept by --render)
     md += ["", ("**At least as good as the hand-tuned default on every target and metric.**" if not worse and not missing
                 else f"**Not at least as good as the hand-tuned default on every target**: worse in {', '.join(worse) or 'none'}"
                 + (f"; not measured: {', '.join(r[0] for r in missing)}" if missing else "") + "."), ""]
-    return md
+    return md + (["What it found:", ""] + notes + [""] if notes else [])
 
 
 def markdown(results: dict) -> str:
