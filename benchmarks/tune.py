@@ -91,10 +91,10 @@ RUN_NOTE = ("What ran: the digits search part on 2026-12-06 with commit 0668945 
             "use it): first over the whole space, then, "
             "because that search showed 3,000 distillation steps do not recover 0.5 filter pruning on DS-CNN (-5.4 "
             "points) while 0.25 kept the drop but missed the flash, a second with prune.sparsity 0.3 and filter "
-            "granularity held fixed by the base recipe. The 1-worker and cluster rows of the trials-per-hour table "
-            "are from session 8 (commits 67f90dc and b38403c: 2 fine-tuning epochs instead of distillation, a "
-            "looser guard, the pruning backoff inside trials) and were NOT re-run with the current trial recipe; "
-            "the 2-worker rows are this recipe's.")
+            "granularity held fixed by the base recipe. The 1-worker and cluster parts re-ran in session 10 on commit "
+            "01b6e9f with the current trial recipe (3 trials each, flash<=20KB, drop<=1, each from an empty stage "
+            "cache); with so few trials, and trials that differ in cost (one stopped at the flash limit is not "
+            "benchmarked), their rates compare settings only roughly.")
 
 
 def _tune(model: Path, work: Path, name: str, trials: int, constraints, data: str = "digits",
@@ -493,7 +493,9 @@ def markdown(results: dict) -> str:
     for key in ("one", "search", "cluster", "ds_cnn"):
         p = results["parts"].get(key)
         if p:
-            md.append(f"| {names[key]} | {p['trials']} | {p['concurrent']} | {p['seconds'] / 60:.1f} | {p['trials_per_hour']:.1f} |")
+            cut = f" (+{p['crashed_or_interrupted']} interrupted or crashed)" if p.get("crashed_or_interrupted") else ""
+            md.append(f"| {names[key]} | {p['trials']}{cut} | {p['concurrent']} | {p['seconds'] / 60:.1f} | "
+                      f"{p['trials_per_hour']:.1f} |")
         elif key != "ds_cnn":
             md.append(f"| {names[key]} | not measured | | | |")
     md += ["", "Trials differ in cost (a trial that breaks the flash or drop limit after compressing is stopped "
