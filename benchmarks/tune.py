@@ -168,9 +168,7 @@ def collect_search(out: Path) -> dict:
             "trials_per_hour": len(done) / doc["seconds"] * 3600, "concurrent": doc["concurrent_trials"],
             "ray": doc["ray"], "out": str(out), "constraints": doc["constraints"], "latency": doc["latency"],
             "searched": doc["searched"], "front": doc["front"], "best": None, "interrupted": len(trials) - len(done),
-            "trial_rows": [{"trial_id": t["trial_id"], "status": t["status"], "feasible": t.get("feasible"),
-                            "config": t.get("config") or {}, "recipe": t.get("recipe"), "numbers": t.get("numbers"),
-                            "violated": t.get("violated"), "error": t.get("error")} for t in trials]}
+            "trial_rows": _trial_rows(trials)}
 
 
 def part_one(model: Path, work: Path, trials: int, constraints) -> dict:
@@ -542,7 +540,7 @@ def main(argv=None) -> int:
             if results["parts"].get(name):
                 results["parts"][name]["default"] = default_numbers()
                 results["parts"][name]["references"].setdefault("official_int8_bytes", OFFICIAL.stat().st_size)
-            path.write_text(json.dumps(results, indent=2, default=str))
+        path.write_text(json.dumps(results, indent=2, default=str))
         (RESULTS / "tune.md").write_text(markdown(results))
         return 0
     digits = [p for p in parts if p != "ds_cnn"]

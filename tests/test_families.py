@@ -178,11 +178,10 @@ def test_the_backoff_checks_on_calibration_samples_when_the_train_split_has_no_m
 
     dataset = load_dataset("digits")
     n_cal = len(dataset.x_train) - 2 * BACKOFF_CHECK_MIN + 1  # leaves one sample too few
-    view, x_check, y_check, held_out = backoff_check_split(dataset, n_cal)
-    assert not held_out and view is dataset and len(x_check) == n_cal
-    np.testing.assert_array_equal(x_check, dataset.x_train[:n_cal])
-    view, x_check, y_check, held_out = backoff_check_split(dataset, n_cal - 1)
-    assert held_out and len(x_check) == BACKOFF_CHECK_MIN == len(y_check)
+    view, held_out = backoff_check_split(dataset, n_cal)
+    assert held_out is None and view is dataset
+    view, (x_check, y_check) = backoff_check_split(dataset, n_cal - 1)
+    assert len(x_check) == BACKOFF_CHECK_MIN == len(y_check)
     assert len(view.x_train) + len(x_check) == len(dataset.x_train) and len(view.y_train) == len(view.x_train)
     np.testing.assert_array_equal(x_check, dataset.x_train[-BACKOFF_CHECK_MIN:])
     np.testing.assert_array_equal(view.x_train, dataset.x_train[:-BACKOFF_CHECK_MIN])

@@ -198,26 +198,25 @@ CHECK_SET_NAMES = {"held_out": "held-out training samples", "calibration": "cali
 
 
 def backoff_check_split(dataset, n_calibration: int):
-    """``(training view, x_check, y_check, held_out)``: the data the backoff's tries prune and
-    recover on, and the samples it judges them on. With enough training samples the check samples
+    """``(training view, held-out (x, y) or None)``: the data the backoff's tries prune and recover
+    on, and the training samples held out of it for the check. With enough training samples those
     are the train split's tail, cut from the view (no try trains on them: the check measures
     generalisation, not fit; the digits dsconv_residual lost 0.2 points on its distilled-on
-    calibration samples and 1.3 on the evaluation split); else the calibration prefix, the view
-    is the dataset and ``held_out`` is False."""
+    calibration samples and 1.3 on the evaluation split); else nothing is held out and the view is
+    the dataset."""
     import dataclasses
 
     n_train = len(dataset.x_train)
     n_check = min(BACKOFF_CHECK_MAX, (n_train - n_calibration) // 2)
     if n_check < BACKOFF_CHECK_MIN:
-        x_cal, y_cal = dataset.calibration(n_calibration)
-        return dataset, x_cal, y_cal, False
+        return dataset, None
     keep = n_train - n_check
     cut = lambda a: None if a is None else a[:keep]  # noqa: E731
     view = dataclasses.replace(dataset, x_train=cut(dataset.x_train), y_train=cut(dataset.y_train),
                                x_train_int8=cut(dataset.x_train_int8),
                                provenance=f"{dataset.provenance}; the last {n_check} training samples held out "
                                           "for the sparsity backoff's check")
-    return view, dataset.x_train[keep:], dataset.y_train[keep:], True
+    return view, (dataset.x_train[keep:], dataset.y_train[keep:])
 
 
 def _prune_with_backoff(run, model, dataset, recipe, distill, quiet=True):
@@ -239,12 +238,10 @@ def _prune_with_backoff(run, model, dataset, recipe, distill, quiet=True):
     recovers = bool(p["distill_steps"] or p["fine_tune_epochs"])
     lower = sorted({float(b) for b in p["backoff_sparsities"] if b < p["sparsity"]}, reverse=True)
     sparsities = [p["sparsity"]] + (lower if recovers else [])
-    checks = {"calibration": dataset.calibration(n_cal)}
-    data = dataset
+    data, held_out = dataset, None
     if len(sparsities) > 1:  # something to decide: hold samples out of recovery when there are enough
-        data, x_check, y_check, held_out = backoff_check_split(dataset, n_cal)
-        if held_out:
-            checks = {"held_out": (x_check, y_check), **checks}
+        data, held_out = backoff_check_split(dataset, n_cal)
+    checks = {**({"held_out": held_out} if held_out else {}), "calibration": dataset.calibration(n_cal)}
     metric, _ = primary_metric(dataset.task)
     limit = float(p["backoff_max_drop"]) * float(recipe["verify"][GUARD_KEYS[metric]])
     reference = {k: _calibration_metrics(model, x, y, dataset.task) for k, (x, y) in checks.items()}
@@ -259,8 +256,7 @@ def _prune_with_backoff(run, model, dataset, recipe, distill, quiet=True):
         for k, (x, y) in checks.items():
             got = _calibration_metrics(result.model, x, y, dataset.task)
             changes[k] = metric_change(dataset.task, reference[k], got, mse_floor_for(y))
-        worst = max(changes, key=lambda k: changes[k].drop)
-        drop = changes[worst].drop
+        drop = max(c.drop for c in changes.values())
         distilled = (result.settings.get("distill") or {})
         tried.append({"sparsity": s, "change": drop, "changes": {k: c.drop for k, c in changes.items()},
                       "distill_steps_run": distilled.get("steps_run"), "distill_seconds": distilled.get("seconds")})
