@@ -132,7 +132,7 @@ def test_pruning_backs_off_when_the_held_out_check_loses_too_much(tmp_path, monk
     stage redoes pruning at the backoff sparsity 0.1 (the last one: kept whatever it loses) and loses
     less there; the choice is recorded with every try's check accuracy. The check samples are the
     train split's tail, held out of every try's distillation. Magnitude scores keep LRP out of it."""
-    from toolchain.compress import BACKOFF_CHECK_MAX, _prune
+    from toolchain.compress import BACKOFF_CHECK_MAX, BACKOFF_MARGIN_SE, _prune
     from toolchain.model_io import model_hash
     from toolchain.pipeline import load_inputs
     from toolchain.recipe import validate
@@ -148,11 +148,25 @@ def test_pruning_backs_off_when_the_held_out_check_loses_too_much(tmp_path, monk
     assert not cached and tried == [0.9, 0.1], backoff
     assert backoff["max_drop"] == pytest.approx(recipe["prune"]["backoff_max_drop"] * recipe["verify"]["max_accuracy_drop"])
     assert backoff["tried"][0]["change"] > backoff["max_drop"], backoff
-    assert backoff["tried"][0]["change"] == max(backoff["tried"][0]["changes"].values())  # the worse set judges
+    for t in backoff["tried"]:  # the pooled loss plus one standard error judges
+        assert t["change"] == pytest.approx(t["pooled_change"] + BACKOFF_MARGIN_SE * t["standard_error"]), t
+        assert 0 <= t["standard_error"] < 0.1 and min(t["changes"].values()) <= t["pooled_change"] + 1e-9, t
+        assert t["pooled_change"] <= max(t["changes"].values()) + 1e-9, t
     assert backoff["chosen"] == 0.1 and abs(summary["sparsity"] - 0.1) < 0.05, summary["sparsity"]
     assert backoff["passed"] == (backoff["tried"][1]["change"] <= backoff["max_drop"]), backoff
     assert backoff["tried"][1]["change"] < backoff["tried"][0]["change"], backoff
     assert pruned.count_params() == summary["params_after"] > 0
+    # the default recipe quantizes after training, so each try was judged on its int8 TFLite: the
+    # kept model's int8 conversion loses exactly the judged change on the calibration samples
+    from toolchain.compress import JUDGES, _calibration_metrics, _metrics
+    from toolchain.export.tflite_backend import convert, run_tflite
+
+    assert backoff["judged"] == JUDGES["int8"] and all("float_changes" in t for t in backoff["tried"]), backoff
+    x_cal, y_cal = dataset.calibration(200)
+    ref = _calibration_metrics(model, x_cal, y_cal, "classification")["accuracy"]
+    int8 = convert(pruned, "int8", dataset.calibration(500)[0])  # what export calibrates on
+    got = _metrics(run_tflite(int8, x_cal), y_cal, "classification")["accuracy"]
+    assert backoff["tried"][-1]["changes"]["calibration"] == pytest.approx(ref - got, abs=1e-9), (ref, got)
     # the check samples: half of what the 200 calibration samples leave, none of them distilled on
     n_check = min(BACKOFF_CHECK_MAX, (len(dataset.x_train) - 200) // 2)
     assert backoff["check_samples"] == {"held_out": n_check, "calibration": 200}, backoff
@@ -185,3 +199,17 @@ def test_the_backoff_checks_on_calibration_samples_when_the_train_split_has_no_m
     assert len(view.x_train) + len(x_check) == len(dataset.x_train) and len(view.y_train) == len(view.x_train)
     np.testing.assert_array_equal(x_check, dataset.x_train[-BACKOFF_CHECK_MIN:])
     np.testing.assert_array_equal(view.x_train, dataset.x_train[:-BACKOFF_CHECK_MIN])
+
+
+def test_the_backoff_judges_int8_after_training_and_float_with_qat():
+    """Post-training quantization into an integer format: a try is judged on its int8 TFLite (what
+    ships); quantization-aware training recovers what quantizing costs, and a float-only export has
+    nothing integer to judge: both judge the pruned float model."""
+    from toolchain.compress import backoff_judge
+    from toolchain.recipe import validate
+
+    assert backoff_judge(validate({})) == "int8"
+    assert backoff_judge(validate({"quantize": {"qat_epochs": 2}})) == "float"
+    assert backoff_judge(validate({"export": {"formats": ["tflite-fp32", "onnx-fp32"]}})) == "float"
+    assert backoff_judge(validate({"export": {"formats": ["mcu"]}})) == "int8"
+    assert backoff_judge(validate({"quantize": {"enabled": False}})) == "float"

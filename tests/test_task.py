@@ -120,3 +120,26 @@ def test_load_inputs_resolves_the_task_from_real_files(tmp_path):
     # the loader or resolve_task refuses a classification override of label-less data
     with pytest.raises((ConfigError, DataError)):
         load_inputs(str(tmp_path / "ae.keras"), f"npz:{tmp_path / 'ae.npz'}", task="classification")
+
+
+def test_paired_change_is_the_metric_drop_with_its_paired_standard_error():
+    """100 samples: the original gets 90 right, the artifact loses 6 of those and wins 2 others back:
+    4 points lost, and the standard error counts only the 8 samples where the two differ."""
+    from toolchain.task import paired_change
+
+    y = np.zeros(100, int)
+    right, wrong = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    original = np.array([right] * 90 + [wrong] * 10)
+    artifact = original.copy()
+    artifact[:6] = wrong   # 6 lost
+    artifact[90:92] = right  # 2 won
+    drop, se = paired_change("classification", y, original, artifact)
+    d = np.array([1.0] * 6 + [-1.0] * 2 + [0.0] * 92)
+    assert drop == pytest.approx(0.04) == pytest.approx(metric_change(
+        "classification", evaluate("classification", y, original), evaluate("classification", y, artifact)).drop)
+    assert se == pytest.approx(d.std(ddof=1) / 10)
+    assert paired_change("classification", y, original, original) == (0.0, 0.0)
+    # regression: the relative MSE increase, as metric_change measures it
+    t = np.ones((4, 2))
+    drop, se = paired_change("regression", t, t + 1.0, t + np.array([[1.0], [1.0], [2.0], [2.0]]))
+    assert drop == pytest.approx(1.5) and se > 0  # MSE 1 -> 2.5

@@ -131,8 +131,10 @@ prune:
   # mode sparsity with recovery (distillation or fine-tuning): after it the pruned model is checked
   # against the original on training samples held out of recovery (the train split's tail: half of
   # what the calibration samples leave, 200-1000) and on the calibration samples (kws01 has nothing
-  # beyond its 500 calibration samples: only those), never on the evaluation split; when it loses
-  # on either more than backoff_max_drop x the verify limit of the task's metric (0.2 x max_accuracy_drop =
+  # beyond its 500 calibration samples: only those), never on the evaluation split, as its int8
+  # TFLite when quantize.qat_epochs is 0 (what ships; with QAT: the float model); when its loss on
+  # the two pooled, plus one standard error, is more than backoff_max_drop x the verify limit of
+  # the task's metric (0.2 x max_accuracy_drop =
   # 1 point; 0.2 x max_mse_increase = 5% more MSE), pruning is redone at the next lower of these
   # sparsities ([] = never; the last one is kept whatever it loses, and the guard judges it; a try
   # whose distillation the time budget cut below 1/8 of its cap goes straight to the last one)

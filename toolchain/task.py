@@ -24,7 +24,8 @@ import numpy as np
 from toolchain.data.dataset import TASKS
 from toolchain.errors import ConfigError, DataError
 
-__all__ = ["TASKS", "MetricChange", "evaluate", "infer_task", "infer_task_from_model", "metric_change", "mse_floor_for", "primary_metric",
+__all__ = ["TASKS", "MetricChange", "evaluate", "infer_task", "infer_task_from_model", "metric_change", "mse_floor_for",
+           "paired_change", "primary_metric",
            "resolve_task", "top1_agreement"]
 
 #: final activations that make outputs class scores
@@ -184,6 +185,26 @@ MSE_FLOOR_OF_TARGET_POWER = 1e-6
 def mse_floor_for(y_true: np.ndarray) -> float:
     """The smallest MSE a relative increase is measured against, for targets ``y_true``."""
     return MSE_FLOOR_OF_TARGET_POWER * float(np.mean(np.square(np.asarray(y_true, np.float64))))
+
+
+def paired_change(task: str, y_true: np.ndarray, original_outputs: np.ndarray, outputs: np.ndarray,
+                  mse_floor: float = _MSE_FLOOR) -> tuple[float, float]:
+    """``(drop, standard error of drop)`` of ``outputs`` against ``original_outputs`` on the same
+    samples: the drop as ``metric_change`` measures it without anomaly labels (accuracy points lost;
+    relative MSE increase), its standard error from the per-sample loss differences (0/1 errors;
+    squared errors), the paired estimate: samples both get right or wrong add no noise."""
+    n = len(y_true)
+    if task == "classification":
+        truth = np.asarray(y_true).reshape(-1)
+        loss = lambda out: (np.asarray(out).reshape(n, -1).argmax(1) != truth).astype(np.float64)  # noqa: E731
+        scale = 1.0
+    else:
+        t = np.asarray(y_true, np.float64).reshape(n, -1)
+        loss = lambda out: np.mean((np.asarray(out, np.float64).reshape(n, -1) - t) ** 2, axis=1)  # noqa: E731
+        scale = max(float(np.mean(loss(original_outputs))), mse_floor, _MSE_FLOOR)
+    d = (loss(outputs) - loss(original_outputs)) / scale
+    se = float(np.std(d, ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+    return float(np.mean(d)), se
 
 
 def metric_change(task: str, original: dict, artifact: dict, mse_floor: float = _MSE_FLOOR) -> MetricChange:
