@@ -402,20 +402,29 @@ def _refusal_kind(error: str) -> str:
 
 
 def _backoff_line(name: str, b: dict) -> str:
-    """One bullet: every sparsity the backoff tried with its change on each check set (the worse one
-    judged), and the one kept; rows recorded before the held-out check name the calibration split."""
+    """One bullet: every sparsity the backoff tried with its judged change (since 2026-12-06 the
+    pooled loss plus one standard error, of the int8 TFLite when ``judged`` says so; before, the
+    worse check set), its change on each check set, and the one kept; rows recorded before the
+    held-out check name the calibration split."""
     where = b["checked_on"] if "checked_on" in b else "calibration samples (recorded before the held-out check)"
+    pooled = any("pooled_change" in t for t in b["tried"])
 
     def one(t):
         sets = t.get("changes") or {}
         text = _change_text(b["metric"], t.get("change", t.get("calibration_change")))
+        parts = []
+        if "pooled_change" in t:
+            se = f"{100 * t['standard_error']:.1f} points" if b["metric"] == "accuracy" else f"{t['standard_error']:.1%}"
+            parts.append(f"pooled {_change_text(b['metric'], t['pooled_change'])}, s.e. {se}")
         if len(sets) > 1:
-            text += " (" + ", ".join(f"{k.replace('_', '-')} {_change_text(b['metric'], v)}" for k, v in sets.items()) + ")"
-        return f"{t['sparsity']:g}: {text}"
+            parts += [f"{k.replace('_', '-')} {_change_text(b['metric'], v)}" for k, v in sets.items()]
+        return f"{t['sparsity']:g}: {text}" + (" (" + "; ".join(parts) + ")" if parts else "")
 
     tries = "; ".join(one(t) for t in b["tried"])
-    return (f"- {name}: {b['metric']} change vs the original on {where} per sparsity tried, the worse set "
-            f"judged ({tries}; limit {_change_text(b['metric'], b['max_drop'])}) -> {b['chosen']:g}")
+    rule = "the pooled loss + 1 standard error judged" if pooled else "the worse set judged"
+    judged = f", judged on {b['judged']}" if b.get("judged") else ""
+    return (f"- {name}: {b['metric']} change vs the original on {where} per sparsity tried{judged}, {rule} "
+            f"({tries}; limit {_change_text(b['metric'], b['max_drop'])}) -> {b['chosen']:g}")
 
 
 def _change_text(metric: str, drop: float) -> str:

@@ -85,8 +85,10 @@ def test_quick_run_on_real_fashion_mnist_samples(tmp_path):
     assert case["train"]["val_samples"] == 100  # carved from the training data, never the test split
     rows = {(r["flow"], r["format"]): r for r in case["rows"]}
     assert set(rows) == {("float32", "tflite-fp32"), ("uniform int8", "tflite-int8"), ("ours", "tflite-mixed"),
-                         ("paper's rule", "tflite-mixed"), ("magnitude + int8", "tflite-int8"),
-                         ("magnitude + int8", "tflite-sparse"), ("Yeom et al. LRP filters + int8", "tflite-int8")}
+                         ("paper's rule", "tflite-mixed"), ("magnitude + int8", "tflite-int8-qat"),
+                         ("magnitude + int8", "tflite-sparse"), ("Yeom et al. LRP filters + int8", "tflite-int8-qat")}
+    # every quantized flow trained quantization-aware for the same epochs (the sparse format: no QAT route)
+    assert case["qat_epochs"] == paper.QAT_EPOCHS == 1 and "QAT 1" in rows[("magnitude + int8", "tflite-int8-qat")]["note"]
     fp32 = rows[("float32", "tflite-fp32")]
     assert fp32["reduction_overall"] == 0 and fp32["reduction_conv"] == 0
     assert rows[("uniform int8", "tflite-int8")]["reduction_overall"] == pytest.approx(INT8_REDUCTION, abs=1e-6)
@@ -95,7 +97,7 @@ def test_quick_run_on_real_fashion_mnist_samples(tmp_path):
     assert ours["reduction_overall"] > 0.9 and ours["reduction_conv"] > 0.9
     assert ours["bytes"] < rows[("uniform int8", "tflite-int8")]["bytes"]
     for flow in ("magnitude + int8", "Yeom et al. LRP filters + int8"):
-        other = rows[(flow, "tflite-int8")]["packed_weight_bytes"]
+        other = rows[(flow, "tflite-int8-qat")]["packed_weight_bytes"]
         assert abs(other / ours["packed_weight_bytes"] - 1) < EQUAL_SIZE_TOLERANCE, (flow, other)
     for r in case["rows"]:
         # real images, a trained model: the references well above chance (10%); the pruned flows
