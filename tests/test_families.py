@@ -64,7 +64,7 @@ def test_keras3_model_compresses_on_digits(family, suffix, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["cnn_bn", "mlp"])
+@pytest.mark.parametrize("family", ["cnn_bn", "dsconv_residual", "mlp", "conv1d", "sequential"])
 def test_keras3_files_meet_the_bar_with_the_default_recipe(family, tmp_path):
     """Issue 14's done-when with the DEFAULT recipe (no --recipe: relevance filter pruning at 0.5 with
     distillation and its backoff to 0.3, 0.15 and none, int8): the .keras and the .h5 Keras 3 wrote load as Keras 3's model,
@@ -88,10 +88,12 @@ def test_keras3_files_meet_the_bar_with_the_default_recipe(family, tmp_path):
         for row in summary["artifacts"]:
             if row["origin"] == "compressed" and row.get("change_vs_original") is not None:
                 assert row["change_vs_original"] <= limit, row
-        # the backoff judged the pruned model on training samples held out of distillation; it pruned
-        # unless every sparsity lost more than its limit there (cnn_bn: int8 only)
+        # the backoff judged the pruned model's int8 TFLite on training samples held out of
+        # distillation and the calibration samples; it pruned unless every sparsity may lose more
+        # than its limit there (cnn_bn, dsconv_residual: int8 only)
         backoff = summary["prune"]["backoff"]
         assert set(backoff["check_samples"]) == {"held_out", "calibration"}, backoff
+        assert backoff["judged"].startswith("its int8 TFLite"), backoff
         pruned = summary["prune"]["params_after"] < summary["prune"]["params_before"]
         assert pruned == (backoff["chosen"] > 0) and (backoff["passed"] or backoff["chosen"] == 0), backoff
     assert "prune" in summaries[".h5"]["cached_stages"], summaries[".h5"]["cached_stages"]
@@ -157,7 +159,7 @@ def test_pruning_backs_off_when_the_held_out_check_loses_too_much(tmp_path, monk
     assert backoff["tried"][1]["change"] < backoff["tried"][0]["change"], backoff
     assert pruned.count_params() == summary["params_after"] > 0
     # the default recipe quantizes after training, so each try was judged on its int8 TFLite: the
-    # kept model's int8 conversion loses exactly the judged change on the calibration samples
+    # kept model's int8 conversion loses exactly its recorded change on the calibration samples
     from toolchain.compress import JUDGES, _calibration_metrics, _metrics
     from toolchain.export.tflite_backend import convert, run_tflite
 
