@@ -221,7 +221,7 @@ def compressed_layers(summary: dict) -> dict:
 # flows
 
 
-def _recipe(path: Path, fine_tune_epochs: int, relevance_samples: int, sparsity=None, qat_epochs: int = 1) -> dict:
+def _recipe(path: Path, fine_tune_epochs: int, relevance_samples: int, sparsity=None, qat_epochs: int = QAT_EPOCHS) -> dict:
     from toolchain.recipe import load_recipe
 
     r = copy.deepcopy(load_recipe(str(path)))
@@ -310,7 +310,7 @@ def filter_sparsity_for(model, target_weights: int) -> float:
 
 
 def run_pair(arch, key, train_ds, test_ds, spec_note, work: Path, epochs, width, fine_tune_epochs,
-             relevance_samples, sparsities, runs, qat_epochs: int = 1) -> dict:
+             relevance_samples, sparsities, runs, qat_epochs: int = QAT_EPOCHS) -> dict:
     """Train (or load) the baseline and run the five flows; rows hold test accuracy and sizes."""
     from toolchain.export import export
     from toolchain.model_io import load_model
@@ -403,11 +403,13 @@ def run_pair(arch, key, train_ds, test_ds, spec_note, work: Path, epochs, width,
     _log(f"{name}: magnitude {s3:.1%} of weights + int8 (packed size of ours)")
     mag = prune(model, train_ds, criterion="magnitude", granularity="weight", sparsity=s3,
                 fine_tune_epochs=fine_tune_epochs, quiet=True)
-    trained = f"fine-tuned {fine_tune_epochs} epoch(s)" + (f", QAT {qat_epochs}" if qat_epochs else "")
+    fine_tuned = f"fine-tuned {fine_tune_epochs} epoch(s)"
+    trained = fine_tuned + (f", QAT {qat_epochs}" if qat_epochs else "")
     for fmt, path in int8_artifact(mag.model, train_ds, qat_epochs, work / f"{tag}_magnitude",
                                    ("tflite-int8", "tflite-sparse")).items():
+        sparse = fmt == "tflite-sparse"  # post-training: the sparse format has no QAT route
         add("magnitude + int8", fmt, path, packed_bits(mag.model, 8),
-            f"{s3:.1%} of weights zero, {trained if fmt != 'tflite-sparse' else trained.split(',')[0] + ', post-training int8'}")
+            f"{s3:.1%} of weights zero, {fine_tuned + ', post-training int8' if sparse else trained}")
     times["magnitude"] = time.perf_counter() - t
 
     # (4) Yeom et al.-style LRP filter pruning + int8 at ours' packed size
