@@ -450,8 +450,12 @@ def goal(case: dict) -> dict:
 
 def markdown(results: dict, command: str) -> list:
     s = results["settings"]
-    md = [f"Command: `{command}`. Machine: {os.cpu_count()} cores x86_64, SHARED with other jobs while this ran "
-          "(times and latencies are upper bounds). Models: the zoo's VGG16- and AlexNet-style CNNs at width "
+    from machine import describe
+
+    md = [f"Command: `{command}`. Machine: {os.cpu_count()} cores x86_64; "
+          + describe(results.get("other_cpu_share"))
+          + (f" (measured {results['other_cpu_share_measured']})" if results.get("other_cpu_share_measured") else "")
+          + ". Models: the zoo's VGG16- and AlexNet-style CNNs at width "
           f"{s['width']:g} ({s['epochs']} epochs, Adam 1e-3, batch 64, seed {SEED}"
           + ("" if s["train_samples"] is None else
              f", on the first {s['train_samples']:,} training images only: REDUCED to fit the shared machine")
@@ -467,7 +471,7 @@ def markdown(results: dict, command: str) -> list:
           "every nonzero kernel weight at its bit width, pruned weights and filters cost nothing, biases and "
           "BatchNorm not counted; 'conv' = the Conv2D layers only). Packed B = those packed kernel bits / 8. "
           ".tflite B = the deployable file (weight-level zeros do not shrink a .tflite; the sparse format does). "
-          "Latency: p50 of single-sample inference, TFLite, 1 thread, XNNPACK on, on this shared CPU. "
+          "Latency: p50 of single-sample inference, TFLite, 1 thread, XNNPACK on, on this CPU. "
           f"Paper: {PAPER_OVERALL:.0%} overall, {PAPER_CONV:.0%} conv; goal for ours: >= {GOAL_OVERALL:.0%} overall "
           f"within {100 * TUNE_MAX_DROP:g} point of float.", ""]
     if "--quick" in command:
@@ -490,7 +494,7 @@ def markdown(results: dict, command: str) -> list:
         md.append("")
         for case in cases:
             t, g = case["train"], goal(case)
-            trained = "cached" if t.get("cached") else f"{t['seconds'] / 60:.1f} min"
+            trained = f"{t['seconds'] / 60:.1f} min" + (" when first trained; cached here" if t.get("cached") else "")
             tune = "; ".join(f"{e['sparsity']:.0%} filters: val {e['val_accuracy']:.2%} vs float {e['float_val_accuracy']:.2%}"
                              + (f", loss + {TUNE_MARGIN_SE:g} s.e. {100 * (e['drop'] + TUNE_MARGIN_SE * e['standard_error']):.2f} points"
                                 if "standard_error" in e else "")
@@ -589,9 +593,10 @@ def run_experiment(work: Path, datasets=DATASETS, archs=ARCHS, epochs: int = 10,
                    qat_epochs: int = QAT_EPOCHS) -> dict:
     """Every (dataset, architecture) in order; ``on_case(results)`` after each (to write partial
     results). A dataset that cannot be loaded is listed in ``skipped`` with the loader's reason."""
+    import machine
     from toolchain.errors import DataError
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), machine.snapshot()
     out = {"cases": {}, "skipped": [], "pending": [f"{a} on {LABELS[d]}" for d in datasets for a in archs],
            "settings": {"epochs": epochs, "train_samples": train_samples, "test_samples": test_samples,
                         "width": width, "fine_tune_epochs": fine_tune_epochs, "qat_epochs": qat_epochs,
@@ -618,9 +623,11 @@ def run_experiment(work: Path, datasets=DATASETS, archs=ARCHS, epochs: int = 10,
             out["cases"][case["name"]] = case
             out["pending"].remove(case["name"])
             out["total_seconds"] = time.perf_counter() - t0
+            out["other_cpu_share"] = machine.other_cpu_share(cpu0)
             if on_case is not None:
                 on_case(out)
     out["total_seconds"] = time.perf_counter() - t0
+    out["other_cpu_share"] = machine.other_cpu_share(cpu0)
     return out
 
 
@@ -647,7 +654,10 @@ def merge(paths, results_dir: Path) -> int:
                                     width_multiplier=case["train"]["width_multiplier"])
                 case["architecture"] = architecture(case["arch"], model)
     out = {"cases": {}, "skipped": [], "pending": [], "settings": runs[0]["settings"], "merged_from": [],
-           "total_seconds": max(r.get("total_seconds", 0) for r in runs)}
+           "total_seconds": max(r.get("total_seconds", 0) for r in runs),
+           # side by side, each run's "others" include the other runs: the largest share says the most
+           "other_cpu_share": max((r["other_cpu_share"] for r in runs if r.get("other_cpu_share") is not None),
+                                  default=None)}
     for p, r in zip(paths, runs):
         out["cases"].update(r["cases"])
         out["skipped"] += r.get("skipped", [])

@@ -5,8 +5,10 @@ filters + int8 at ours' packed size, float32 / int8 references), measured on rea
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,25 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, match):
     assert e.value.code == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "res").exists()
+
+
+def test_other_processes_cpu_share_is_measured_not_assumed():
+    import subprocess
+
+    import machine
+
+    # 10 s of wall on 2 cores, 15 s busy of which 5 s ours: others kept half the machine busy
+    assert machine.other_cpu_share((0.0, 0.0, 0.0), (10.0, 15.0, 5.0)) == pytest.approx(
+        10 / (10 * (os.cpu_count() or 1)), abs=1e-3)
+    assert machine.other_cpu_share(None) is None
+    assert "not measured" in machine.describe(None) and "quiet" in machine.describe(0.01)
+    assert "SHARED" in machine.describe(0.3)
+    start = machine.snapshot()
+    if start is None:
+        pytest.skip("no /proc/stat here")
+    # a process this one has not waited for yet is another process: it burns about a core for 1.5 s
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    time.sleep(1.5)
+    share = machine.other_cpu_share(start)
+    burner.wait()
+    assert 0.2 / (os.cpu_count() or 1) < share <= 1
