@@ -41,6 +41,7 @@ bench-all: $(STAMP)
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/export.py
 	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/paper.py
 	$(PY) benchmarks/update_readme.py
 
 clean-venv:

@@ -29,7 +29,7 @@ filter pruning). For every dataset and architecture this
                                [--train-samples N] [--test-samples N] [--quick] [--cifar10-dir DIR]
 
 Writes benchmarks/results/paper.{md,json,png} after every finished model (a partial run leaves the
-finished tables); ``run_all.py`` runs it too and quotes it.
+finished tables); ``make bench-all`` runs it, README quotes it.
 """
 from __future__ import annotations
 

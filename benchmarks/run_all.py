@@ -15,10 +15,11 @@ DS-CNN (../shared, kws01: calibration = first 500 files, evaluation = last 500) 
   * official int8       — MLPerf Tiny's kws_ref_model_int8.tflite (DS-CNN only),
 reporting accuracy on the evaluation split, packed weight bytes, artifact bytes, gzip bytes and
 latency p50/p99 + peak RSS on this CPU (1 thread, TFLite XNNPACK and ONNX Runtime).
-The paper's experiment (VGG16 / AlexNet on Fashion-MNIST and CIFAR-10 (JPEG q75 copy),
-``benchmarks/paper.py``) runs too; a dataset that is not installed is skipped with the reason.
+The paper's experiment (VGG16 / AlexNet on Fashion-MNIST and CIFAR-10 (JPEG q75 copy)) is its own
+benchmark with its own results file (``benchmarks/paper.py``, about an hour and a half with training;
+``make bench-all`` runs it); this suite's results point to it instead of running it a second time.
 
-    python benchmarks/run_all.py [--quick] [--only digits|kws] [--skip-paper] [--paper-epochs 10]
+    python benchmarks/run_all.py [--quick] [--only digits|kws]
 
 Writes benchmarks/results/run_all.{json,md,png} and updates README's results sections.
 """
@@ -247,13 +248,9 @@ def write(results: dict) -> None:
                        f"{t['speedup_vs_fp32']:.2f}x faster than float32 TFLite (>= {TARGET_SPEEDUP}: "
                        f"{'met' if t['speedup_ok'] else 'NOT met'})."]
         md.append("")
-    md += ["## The paper's experiment (VGG16 / AlexNet on Fashion-MNIST and CIFAR-10)", ""]
-    if results["paper"] is None:
-        md += ["Not run by this invocation (`--skip-paper` or `--only`)."]
-    else:
-        from paper import markdown
-
-        md += markdown(results["paper"], "python benchmarks/run_all.py" + (" --quick" if results["quick"] else ""))
+    md += ["## The paper's experiment (VGG16 / AlexNet on Fashion-MNIST and CIFAR-10)", "",
+           "Not run by this suite: `python benchmarks/paper.py` (or `make bench-all`) runs it and writes "
+           "`benchmarks/results/paper.md`, quoted in the README."]
     (RESULTS / "run_all.md").write_text("\n".join(md) + "\n")
     _plot(results)
 
@@ -295,19 +292,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer timed runs (200 instead of 1000)")
     ap.add_argument("--only", choices=("digits", "kws"))
-    ap.add_argument("--skip-paper", action="store_true",
-                    help="skip the paper's experiment (hours: it trains four models)")
-    ap.add_argument("--paper-epochs", type=int, default=10, help="training epochs of the paper's models")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     runs = 200 if args.quick else 1000
-    results = {"quick": args.quick, "cases": {}, "paper": None}
+    results = {"quick": args.quick, "cases": {}}
     with tempfile.TemporaryDirectory(prefix="run_all-") as tmp:
         work = Path(tmp)
-        if not args.skip_paper and args.only is None:
-            from paper import run_experiment
-
-            results["paper"] = run_experiment(work / "paper", epochs=args.paper_epochs, runs=runs)
         if args.only in (None, "digits"):
             print("digits_cnn on digits", flush=True)
             results["cases"]["digits_cnn on digits"] = run_case("digits_cnn", digits_model(args.quick), "digits",
