@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import machine  # the script's folder is on sys.path
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,12 +186,14 @@ def run_family(family: str, recipe, work: Path, mobilenet_train: int) -> dict:
     model_path, spec = prepare(family, mobilenet_train)
     prepared = time.perf_counter() - t0
     print(f"{family}: compress {model_path.name} on {spec}", flush=True)
-    t1 = time.perf_counter()
+    t1, cpu = time.perf_counter(), machine.snapshot()
     try:
         result = run_compress(str(model_path), spec, str(work / family), recipe_path=recipe, quiet=False)
     except ToolchainError as e:  # a guard refused the result: that is the finding, recorded as such
         return {"family": family, "model": model_path.name, "data": spec, "refused": str(e),
-                "compress_seconds": time.perf_counter() - t1, "prepare_seconds": prepared}
+                "compress_seconds": time.perf_counter() - t1, "prepare_seconds": prepared,
+                "other_cpu_share": machine.other_cpu_share(cpu)}
+    others = machine.other_cpu_share(cpu)
     seconds = time.perf_counter() - t1
     s = result.summary
     rows = s["artifacts"]
@@ -209,7 +213,7 @@ def run_family(family: str, recipe, work: Path, mobilenet_train: int) -> dict:
             "distill_steps": distill.get("steps_run", (distill.get("config") or {}).get("steps")),
             "distill_stop": distill.get("stop_reason"), "distill_train_samples": distill.get("train_samples"),
             "sparsity": backoff.get("chosen"), "backoff": backoff or None,
-            "compress_seconds": seconds, "prepare_seconds": prepared,
+            "compress_seconds": seconds, "prepare_seconds": prepared, "other_cpu_share": others,
             "mcu_flash_bytes": next((r["size_bytes"] for r in rows if r["format"] == "mcu"), None)}
 
 
@@ -337,6 +341,16 @@ def _keras3_versions(results: dict) -> str:
     return ", ".join(seen) or "3"
 
 
+def _shared(row: dict) -> str:
+    """The time cell's note on what else ran (``machine.other_cpu_share`` over the row's compress)."""
+    if "other_cpu_share" not in row:
+        return " (shared, not measured)"
+    share = row["other_cpu_share"]
+    if share is None:
+        return " (others not measured)"
+    return f" (shared: {share:.0%})" if share >= machine.QUIET_BELOW else ""
+
+
 def markdown(results: dict) -> str:
     if results.get("kind") == "keras3":
         return markdown_keras3(results)
@@ -345,8 +359,9 @@ def markdown(results: dict) -> str:
           f"{results['machine']}; recipe: {results['recipe']}. "
           "Time is the whole `compress` run (relevance, pruning with distillation, quantization, every "
           "export verified in its runtime, the local latency benchmark, fidelity, report) on this machine; "
-          "training the original is not included. The 2 cores were shared with other jobs while these "
-          "ran, so the times are upper bounds.", "",
+          "training the original is not included. A time marked 'shared' ran while other processes took "
+          f"at least {machine.QUIET_BELOW:.0%} of the 2 cores (the share in brackets; 'not measured': a row from "
+          "before benchmarks/machine.py, when the cores were shared), so it is an upper bound.", "",
           "| family | task | metric | original | headline artifact | change | float32 TFLite B | headline B | "
           "x smaller | filter sparsity | distillation steps | compress time |",
           "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -375,7 +390,7 @@ def markdown(results: dict) -> str:
                   f"{'–' if r['original'] is None else fmt(r['original'])} | {r['headline_format']} "
                   f"{'–' if r['headline'] is None else fmt(r['headline'])} | {change} | {r['fp32_bytes']:,} | "
                   f"{r['headline_bytes']:,} | {r['fp32_bytes'] / r['headline_bytes']:.1f}x | "
-                  f"{_sparsity_cell(r)} | {_distill_cell(r)} | {r['compress_seconds'] / 60:.1f} min |")
+                  f"{_sparsity_cell(r)} | {_distill_cell(r)} | {r['compress_seconds'] / 60:.1f} min{_shared(r)} |")
         if r.get("backoff") and len(r["backoff"]["tried"]) > 1:
             backoffs.append(_backoff_line(r["family"], r["backoff"]))
     if backoffs:
