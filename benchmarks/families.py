@@ -49,9 +49,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import machine  # the script's folder is on sys.path
-
 import numpy as np
+
+import machine  # the script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -179,22 +179,29 @@ def prepare(family: str, mobilenet_train: int) -> tuple:
     raise SystemExit(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
-def run_family(family: str, recipe, work: Path, mobilenet_train: int) -> dict:
+def _compress(model_path: Path, spec: str, out: Path, recipe) -> tuple:
+    """``toolchain compress`` timed: (its result or None, the refusal or None, the measured keys:
+    compress_seconds and the CPU share other processes took meanwhile). A guard's refusal or a
+    stopped stage is a finding, recorded as such."""
     from toolchain.compress import run_compress
 
+    t, cpu = time.perf_counter(), machine.snapshot()
+    try:
+        result, refused = run_compress(str(model_path), spec, str(out), recipe_path=recipe, quiet=False), None
+    except ToolchainError as e:
+        result, refused = None, str(e)
+    return result, refused, {"compress_seconds": time.perf_counter() - t, "other_cpu_share": machine.other_cpu_share(cpu)}
+
+
+def run_family(family: str, recipe, work: Path, mobilenet_train: int) -> dict:
     t0 = time.perf_counter()
     model_path, spec = prepare(family, mobilenet_train)
     prepared = time.perf_counter() - t0
     print(f"{family}: compress {model_path.name} on {spec}", flush=True)
-    t1, cpu = time.perf_counter(), machine.snapshot()
-    try:
-        result = run_compress(str(model_path), spec, str(work / family), recipe_path=recipe, quiet=False)
-    except ToolchainError as e:  # a guard refused the result: that is the finding, recorded as such
-        return {"family": family, "model": model_path.name, "data": spec, "refused": str(e),
-                "compress_seconds": time.perf_counter() - t1, "prepare_seconds": prepared,
-                "other_cpu_share": machine.other_cpu_share(cpu)}
-    others = machine.other_cpu_share(cpu)
-    seconds = time.perf_counter() - t1
+    result, refused, measured = _compress(model_path, spec, work / family, recipe)
+    if refused:
+        return {"family": family, "model": model_path.name, "data": spec, "refused": refused,
+                "prepare_seconds": prepared, **measured}
     s = result.summary
     rows = s["artifacts"]
     base = next(r for r in rows if r["origin"] == "baseline" and r["format"] == "tflite-fp32")
@@ -213,7 +220,7 @@ def run_family(family: str, recipe, work: Path, mobilenet_train: int) -> dict:
             "distill_steps": distill.get("steps_run", (distill.get("config") or {}).get("steps")),
             "distill_stop": distill.get("stop_reason"), "distill_train_samples": distill.get("train_samples"),
             "sparsity": backoff.get("chosen"), "backoff": backoff or None,
-            "compress_seconds": seconds, "prepare_seconds": prepared, "other_cpu_share": others,
+            "prepare_seconds": prepared, **measured,
             "mcu_flash_bytes": next((r["size_bytes"] for r in rows if r["format"] == "mcu"), None)}
 
 
@@ -232,8 +239,6 @@ def prepare_keras3(family: str, suffix: str) -> tuple:
 
 def run_keras3(family: str, suffix: str, recipe, work: Path) -> dict:
     """One Keras 3 file through ``run_compress``; the row compares with Keras 3's own metric."""
-    from toolchain.compress import run_compress
-
     model_path, spec = prepare_keras3(family, suffix)
     io = np.load(KERAS3_FIXTURES / f"{family}_io.npz")
     metric = "mse" if family == "autoencoder" else "accuracy"
@@ -241,13 +246,9 @@ def run_keras3(family: str, suffix: str, recipe, work: Path) -> dict:
            "keras3": float(io["eval_metric"]), "keras3_version": str(io["keras_version"]),
            "keras3_backend": str(io["backend"])}
     print(f"{model_path.name}: compress on {spec}", flush=True)
-    t1 = time.perf_counter()
-    try:
-        result = run_compress(str(model_path), spec, str(work / model_path.name.replace(".", "_")),
-                              recipe_path=recipe, quiet=False)
-    except ToolchainError as e:  # a guard refused the result, or a stage stopped: recorded as such
-        return {**row, "refused": str(e), "compress_seconds": time.perf_counter() - t1}
-    seconds = time.perf_counter() - t1
+    result, refused, measured = _compress(model_path, spec, work / model_path.name.replace(".", "_"), recipe)
+    if refused:
+        return {**row, "refused": refused, **measured}
     s = result.summary
     arts = s["artifacts"]
     pick = lambda origin, fmt: next((r for r in arts if r["origin"] == origin and r["format"] == fmt), None)  # noqa: E731
@@ -276,8 +277,23 @@ def run_keras3(family: str, suffix: str, recipe, work: Path) -> dict:
             "params_after": (s.get("prune") or {}).get("params_after"),
             "distill_steps": distill.get("steps_run", (distill.get("config") or {}).get("steps")),
             "distill_stop": distill.get("stop_reason"), "sparsity": backoff.get("chosen"),
-            "backoff": backoff or None, "cached_stages": s.get("cached_stages", []),
-            "compress_seconds": seconds}
+            "backoff": backoff or None, "cached_stages": s.get("cached_stages", []), **measured}
+
+
+#: what the time column's marks mean (both tables)
+SHARED_TIMES = (f"A time marked 'shared' ran while other processes took at least {machine.QUIET_BELOW:.0%} of the "
+                "cores (the share in brackets; 'not measured': a row from before benchmarks/machine.py, when the "
+                "cores were shared), so it is an upper bound.")
+
+
+def _shared(row: dict) -> str:
+    """The time cell's note on what else ran (``machine.other_cpu_share`` over the row's compress)."""
+    if "other_cpu_share" not in row:
+        return " (shared, not measured)"
+    share = row["other_cpu_share"]
+    if share is None:
+        return " (others not measured)"
+    return f" (shared: {share:.0%})" if share >= machine.QUIET_BELOW else ""
 
 
 def markdown_keras3(results: dict) -> str:
@@ -294,8 +310,7 @@ def markdown_keras3(results: dict) -> str:
           "x smaller: the headline artifact against the float32 TFLite. "
           "Time is the whole `compress` run; a `.h5` run whose model loads identical to the `.keras` one "
           "(same architecture and weights, so the same stage-cache key) takes its relevance, prune and "
-          "quantize stages from the cache (marked: cached). The 2 cores were shared with other jobs "
-          "(nice 19), so the times are upper bounds.", "",
+          "quantize stages from the cache (marked: cached). " + SHARED_TIMES, "",
           "| family | file | metric | Keras 3 | original as loaded | int8 TFLite | gap | bar | headline artifact | "
           "headline B | float32 TFLite B | x smaller | filter sparsity | compress time |",
           "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
@@ -314,7 +329,7 @@ def markdown_keras3(results: dict) -> str:
                   f"{same}{_fmt(r, r['original'])} | {_fmt(r, r['int8'])} | {gap} | "
                   f"{'met' if r['int8_passed'] else '**missed**'} | {r['headline_format']} {_fmt(r, r['headline'])} | "
                   f"{r['headline_bytes']:,} | {r['fp32_bytes']:,} | {r['fp32_bytes'] / r['headline_bytes']:.1f}x | "
-                  f"{_sparsity_cell(r)} | {r['compress_seconds'] / 60:.1f} min{cached} |")
+                  f"{_sparsity_cell(r)} | {r['compress_seconds'] / 60:.1f} min{cached}{_shared(r)} |")
         if r.get("auc"):
             aucs.append(f"- {r['file']}: anomaly ROC AUC (digits >= {ANOMALY_FROM} anomalous) original "
                         f"{r['auc']['original']:.4f}, int8 TFLite {r['auc']['int8']:.4f}")
@@ -341,16 +356,6 @@ def _keras3_versions(results: dict) -> str:
     return ", ".join(seen) or "3"
 
 
-def _shared(row: dict) -> str:
-    """The time cell's note on what else ran (``machine.other_cpu_share`` over the row's compress)."""
-    if "other_cpu_share" not in row:
-        return " (shared, not measured)"
-    share = row["other_cpu_share"]
-    if share is None:
-        return " (others not measured)"
-    return f" (shared: {share:.0%})" if share >= machine.QUIET_BELOW else ""
-
-
 def markdown(results: dict) -> str:
     if results.get("kind") == "keras3":
         return markdown_keras3(results)
@@ -359,9 +364,7 @@ def markdown(results: dict) -> str:
           f"{results['machine']}; recipe: {results['recipe']}. "
           "Time is the whole `compress` run (relevance, pruning with distillation, quantization, every "
           "export verified in its runtime, the local latency benchmark, fidelity, report) on this machine; "
-          "training the original is not included. A time marked 'shared' ran while other processes took "
-          f"at least {machine.QUIET_BELOW:.0%} of the 2 cores (the share in brackets; 'not measured': a row from "
-          "before benchmarks/machine.py, when the cores were shared), so it is an upper bound.", "",
+          "training the original is not included. " + SHARED_TIMES, "",
           "| family | task | metric | original | headline artifact | change | float32 TFLite B | headline B | "
           "x smaller | filter sparsity | distillation steps | compress time |",
           "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -493,14 +496,14 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     command = ("python benchmarks/families.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))).rstrip()
-    machine = f"{os.cpu_count()} cores {platform.machine()} ({cpu_name()})"
+    host = f"{os.cpu_count()} cores {platform.machine()} ({cpu_name()})"
     rows = []
     if args.keras3:
         with tempfile.TemporaryDirectory(prefix="keras3-") as tmp:
             for family in families:
                 for suffix in files:
                     rows.append({**run_keras3(family, suffix, args.recipe, Path(tmp)), "command": command})
-                    results = _save(args.name, args.append, rows, command, machine, args.recipe,
+                    results = _save(args.name, args.append, rows, command, host, args.recipe,
                                     time.perf_counter() - t0, kind="keras3")
                     print(markdown(results), flush=True)
         return 0
@@ -508,7 +511,7 @@ def main(argv=None) -> int:
         for family in families:
             rows.append({**run_family(family, args.recipe, Path(tmp), args.mobilenet_train), "command": command})
             # written after every family, so a long run that is stopped keeps what it measured
-            results = _save(args.name, args.append, rows, command, machine, args.recipe,
+            results = _save(args.name, args.append, rows, command, host, args.recipe,
                             time.perf_counter() - t0)
             print(markdown(results), flush=True)
     return 0
@@ -525,7 +528,7 @@ def _row_order(r: dict) -> tuple:
     return FAMILIES.index(r["family"]), 0
 
 
-def _save(name: str, append: bool, rows: list, command: str, machine: str, recipe, seconds: float,
+def _save(name: str, append: bool, rows: list, command: str, host: str, recipe, seconds: float,
           kind: str = "families") -> dict:
     """Write benchmarks/results/NAME.{json,md}: these rows, and with ``append`` the other families'
     rows of the existing file (re-read now: another run may have written it meanwhile)."""
@@ -538,7 +541,7 @@ def _save(name: str, append: bool, rows: list, command: str, machine: str, recip
         rows.sort(key=_row_order)
         notes = old.get("notes")
     total = sum(r.get("compress_seconds", 0) + r.get("prepare_seconds", 0) for r in rows)
-    results = {"command": command, "machine": machine, "recipe": recipe or "default", "rows": rows,
+    results = {"command": command, "machine": host, "recipe": recipe or "default", "rows": rows,
                "seconds": total if append else seconds}
     if notes:
         results["notes"] = notes

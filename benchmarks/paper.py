@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from run_all import RESULTS, SHARED, artifact_row  # the script's folder is on sys.path
+import machine  # the script's folder is on sys.path
+from run_all import RESULTS, SHARED, artifact_row
 
 DATASETS = ("fashion_mnist", "cifar10")
 ARCHS = ("vgg16", "alexnet")
@@ -450,12 +451,8 @@ def goal(case: dict) -> dict:
 
 def markdown(results: dict, command: str) -> list:
     s = results["settings"]
-    from machine import describe
-
     md = [f"Command: `{command}`. Machine: {os.cpu_count()} cores x86_64; "
-          + describe(results.get("other_cpu_share"))
-          + (f" (measured {results['other_cpu_share_measured']})" if results.get("other_cpu_share_measured") else "")
-          + ". Models: the zoo's VGG16- and AlexNet-style CNNs at width "
+          + machine.describe(results.get("other_cpu_share")) + ". Models: the zoo's VGG16- and AlexNet-style CNNs at width "
           f"{s['width']:g} ({s['epochs']} epochs, Adam 1e-3, batch 64, seed {SEED}"
           + ("" if s["train_samples"] is None else
              f", on the first {s['train_samples']:,} training images only: REDUCED to fit the shared machine")
@@ -593,7 +590,6 @@ def run_experiment(work: Path, datasets=DATASETS, archs=ARCHS, epochs: int = 10,
                    qat_epochs: int = QAT_EPOCHS) -> dict:
     """Every (dataset, architecture) in order; ``on_case(results)`` after each (to write partial
     results). A dataset that cannot be loaded is listed in ``skipped`` with the loader's reason."""
-    import machine
     from toolchain.errors import DataError
 
     t0, cpu0 = time.perf_counter(), machine.snapshot()

@@ -16,7 +16,7 @@ DS-CNN (../shared, kws01: calibration = first 500 files, evaluation = last 500) 
 reporting accuracy on the evaluation split, packed weight bytes, artifact bytes, gzip bytes and
 latency p50/p99 + peak RSS on this CPU (1 thread, TFLite XNNPACK and ONNX Runtime).
 The paper's experiment (VGG16 / AlexNet on Fashion-MNIST and CIFAR-10 (JPEG q75 copy)) is its own
-benchmark with its own results file (``benchmarks/paper.py``, about an hour and a half with training;
+benchmark with its own results file (``benchmarks/paper.py``: 65 min with its four baselines cached, about 40 more to train them;
 ``make bench-all`` runs it); this suite's results point to it instead of running it a second time.
 
     python benchmarks/run_all.py [--quick] [--only digits|kws]
